@@ -1,0 +1,128 @@
+"""Pure-torch definitions of what the LongSpec kernels compute.
+
+These functions are the CPU path and the ground truth that every Triton kernel in this package is
+tested against. They favour clarity over speed, but stay O(memory) sane: grouped query heads are
+folded into the query axis instead of repeating K/V.
+
+Shapes use these letters:
+    B  batch rows            Hq query heads          Hkv key/value heads (Hq = G * Hkv)
+    Tq queries per row       S  key slots            D  head dim
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_with_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns the log-sum-exp of the scaled scores.
+
+    Args:
+        query: `(B, Hq, Tq, D)`.
+        key, value: `(B, Hkv, S, D)`; `Hq` must be a multiple of `Hkv` (grouped-query attention).
+        visible: boolean, broadcastable to `(B, Tq, S)`; True where a query may attend to a key.
+        scale: multiplier of `q @ k^T`.
+
+    Returns:
+        `out` `(B, Hq, Tq, D)` in the query's dtype and `lse` `(B, Hq, Tq)` in float32. A query that
+        sees no key gets `out = 0` and `lse = -inf`, so that merging it with another part is exact.
+    """
+    batch, num_q_heads, num_queries, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_q_heads // num_kv_heads
+    # Fold the query heads that share a K/V head into the query axis: (B, Hkv, G*Tq, D).
+    q = query.float().reshape(batch, num_kv_heads, group * num_queries, head_dim)
+    scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale
+    scores = scores.view(batch, num_kv_heads, group, num_queries, -1)
+    mask = visible[:, None, None]  # (B|1, 1, 1, Tq|1, S) against scores (B, Hkv, G, Tq, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G, Tq)
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - safe_lse.unsqueeze(-1))  # exactly 0 where masked
+    out = torch.matmul(probs.view(batch, num_kv_heads, group * num_queries, -1), value.float())
+    out = out.view(batch, num_q_heads, num_queries, head_dim)
+    return out.to(query.dtype), lse.reshape(batch, num_q_heads, num_queries)
+
+
+def merge_attention(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly combine attention computed over two disjoint key sets.
+
+    `softmax` over the union weighs each part by its share of the total mass:
+    `w = exp(lse_a) / (exp(lse_a) + exp(lse_b)) = sigmoid(lse_a - lse_b)`. A part that saw no key
+    (`lse = -inf`) gets weight 0.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - lse).nan_to_num(0.0).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - lse).nan_to_num(0.0).unsqueeze(-1)
+    out = weight_a * out_a.float() + weight_b * out_b.float()
+    return out.to(out_a.dtype), lse
+
+
+def prefix_visibility(prefix_start: torch.Tensor, prefix_end: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Boolean `(B, 1, S)`: slot `s` of row `b` is visible iff `prefix_start[b] <= s < prefix_end[b]`."""
+    slots = torch.arange(num_slots, device=prefix_start.device)
+    return ((slots >= prefix_start[:, None]) & (slots < prefix_end[:, None]))[:, None, :]
+
+
+def prefix_tree_attention(
+    query: torch.Tensor,
+    key_prefix: torch.Tensor,
+    value_prefix: torch.Tensor,
+    prefix_start: torch.Tensor,
+    prefix_end: torch.Tensor,
+    key_tree: torch.Tensor,
+    value_tree: torch.Tensor,
+    tree_mask: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hybrid tree attention: the committed prefix without a mask, the tree with its ancestor mask.
+
+    Args:
+        query: `(B, Hq, Tq, D)`, one query per tree node.
+        key_prefix, value_prefix: `(B, Hkv, S, D)`; row `b` attends to slots `[prefix_start[b], prefix_end[b])`
+            (left padding before `prefix_start`, uncommitted slots from `prefix_end` on).
+        prefix_start, prefix_end: `(B,)` integer tensors.
+        key_tree, value_tree: `(B, Hkv, Tt, D)`, the K/V of the tree nodes.
+        tree_mask: `(B, Tq, Tt)` boolean; True where query node `i` may see tree node `j` (its ancestors
+            and itself).
+        scale: multiplier of `q @ k^T`.
+
+    Returns:
+        `out` `(B, Hq, Tq, D)` and `lse` `(B, Hq, Tq)` (float32) of attention over both parts together.
+    """
+    # Only slots below the longest row's end can be visible: skip the preallocated tail.
+    num_slots = int(prefix_end.max()) if prefix_end.numel() else 0
+    prefix_visible = prefix_visibility(prefix_start, prefix_end, num_slots)
+    out_p, lse_p = attention_with_lse(
+        query, key_prefix[:, :, :num_slots], value_prefix[:, :, :num_slots], prefix_visible, scale
+    )
+    out_t, lse_t = attention_with_lse(query, key_tree, value_tree, tree_mask, scale)
+    return merge_attention(out_p, lse_p, out_t, lse_t)
+
+
+def compact_kv(
+    kv: torch.Tensor,
+    kv_scratch: torch.Tensor,
+    source_index: torch.Tensor,
+    dest_start: torch.Tensor,
+) -> None:
+    """Move accepted tree entries from the scratch slots into the committed cache, in place, all layers at once.
+
+    Args:
+        kv: `(num_layers, 2, B, Hkv, S, D)` preallocated cache (2 = key, value).
+        kv_scratch: `(num_layers, 2, B, Hkv, Tt, D)` tree scratch of the same layers.
+        source_index: `(B, P)` scratch slot of the `j`-th entry to keep in row `b`.
+        dest_start: `(B,)` first cache slot to write in row `b`; entry `j` lands at `dest_start[b] + j`.
+    """
+    rows = torch.arange(source_index.shape[0], device=source_index.device)[:, None]
+    dest_index = dest_start[:, None] + torch.arange(source_index.shape[1], device=source_index.device)
+    # Advanced indices on dims 2 and 4 (split by a slice) put the index dims first: (B, P, L, 2, Hkv, D).
+    kv[:, :, rows, :, dest_index] = kv_scratch[:, :, rows, :, source_index]
