@@ -1,0 +1,14 @@
+"""The LongSpec draft model and its configuration. Never imports `generation` or `training`."""
+
+from .configuration_longspec import SUPPORTED_TARGET_TYPES, LongSpecDraftConfig, check_supported_target
+from .modeling_longspec import DraftCache, LongSpecDraftModel, TargetKV, TargetParts
+
+__all__ = [
+    "SUPPORTED_TARGET_TYPES",
+    "DraftCache",
+    "LongSpecDraftConfig",
+    "LongSpecDraftModel",
+    "TargetKV",
+    "TargetParts",
+    "check_supported_target",
+]

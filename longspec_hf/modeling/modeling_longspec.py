@@ -1,0 +1,398 @@
+"""The LongSpec draft: one transformer block on top of the target's embedding, rotary embedding and LM head.
+
+For a token `x` at absolute position `t` the block computes
+
+    h = embed(x)
+    h = h + SelfAttn(norm1(h))    # causal, over the draft's own last `sliding_window` tokens
+    h = h + CrossAttn(norm2(h))   # keys/values = the target's last-layer KV cache, committed slots only
+    h = h + MLP(norm3(h))         # SwiGLU
+    logits = lm_head(h)           # the target's head, no final norm
+
+Because the self-attention key/value of a token depend only on the token and its position, the
+draft's cache is a ring of `sliding_window` slots plus scratch slots for the tree being drafted: its
+size does not depend on the context length. The cross-attention needs no cache of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+
+from ..kernels import attention_with_lse, prefix_visibility
+from .configuration_longspec import LongSpecDraftConfig
+
+
+@dataclass
+class TargetParts:
+    """The modules the draft borrows from its target. Held by reference, never saved with the draft."""
+
+    embed_tokens: nn.Module
+    rotary_emb: nn.Module
+    lm_head: nn.Module
+
+
+@dataclass
+class TargetKV:
+    """A view of the target's last-layer KV cache for the draft's cross-attention.
+
+    `key`/`value` are `(B, Hkv, S, D)` (already rotated); row `b` may read slots `[start[b], end[b])`.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+
+
+class DraftCache:
+    """The draft's constant-size cache: a ring of the last `window` committed tokens and tree scratch.
+
+    Attributes:
+        key_ring, value_ring: `(B, Hkv, window, D)`; the token at position `p` lives in slot `p % window`.
+        ring_positions: `(B, window)` absolute position held by each ring slot, `-1` when empty.
+        key_tree, value_tree: `(B, Hkv, max_tree_nodes, D)`, K/V of the nodes of the tree being drafted.
+        seen_len: `(B,)` how many slots of the row's token buffer the ring has consumed.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        config: LongSpecDraftConfig,
+        max_tree_nodes: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        shape_ring = (batch_size, config.num_key_value_heads, config.sliding_window, config.head_dim)
+        shape_tree = (batch_size, config.num_key_value_heads, max_tree_nodes, config.head_dim)
+        self.window = config.sliding_window
+        self.key_ring = torch.zeros(shape_ring, device=device, dtype=dtype)
+        self.value_ring = torch.zeros(shape_ring, device=device, dtype=dtype)
+        self.ring_positions = torch.full((batch_size, config.sliding_window), -1, device=device, dtype=torch.long)
+        self.key_tree = torch.zeros(shape_tree, device=device, dtype=dtype)
+        self.value_tree = torch.zeros(shape_tree, device=device, dtype=dtype)
+        self.seen_len = torch.zeros(batch_size, device=device, dtype=torch.long)
+
+    @property
+    def max_tree_nodes(self) -> int:
+        return self.key_tree.shape[2]
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache tensors (constant for a given batch size and tree budget)."""
+        tensors = (self.key_ring, self.value_ring, self.ring_positions, self.key_tree, self.value_tree, self.seen_len)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class LongSpecRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(hidden_states.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (half-split convention) of `x` `(B, H, T, D)` with `cos`/`sin` `(B, T, D)`."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class LongSpecSelfAttention(nn.Module):
+    """Sliding-window self-attention over the draft's own tokens (ring cache + tree scratch)."""
+
+    def __init__(self, config: LongSpecDraftConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def _heads(self, x: torch.Tensor, num_heads: int) -> torch.Tensor:
+        return x.view(*x.shape[:2], num_heads, self.head_dim).transpose(1, 2)
+
+    def key_value(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values `(B, Hkv, T, D)` of normed hidden states `(B, T, hidden)`."""
+        key = rotate(self._heads(self.k_proj(hidden), self.num_kv_heads), cos, sin)
+        return key, self._heads(self.v_proj(hidden), self.num_kv_heads)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        visible: torch.Tensor,
+    ) -> torch.Tensor:
+        """Queries from `hidden` `(B, Q, hidden)` over `key`/`value` `(B, Hkv, S, D)` where `visible` `(B, Q, S)`."""
+        query = rotate(self._heads(self.q_proj(hidden), self.num_heads), cos, sin)
+        out, _ = attention_with_lse(query, key, value, visible, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(*hidden.shape[:2], -1))
+
+
+class LongSpecCrossAttention(nn.Module):
+    """Attention from draft queries to the target's last-layer KV cache (no key/value projections).
+
+    The published checkpoints also carry unused `k_proj`/`v_proj` weights here; they are dropped on load.
+    """
+
+    def __init__(self, config: LongSpecDraftConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, target_kv: TargetKV) -> torch.Tensor:
+        """Every query of row `b` reads the target slots `[target_kv.start[b], target_kv.end[b])`."""
+        batch, num_queries, _ = hidden.shape
+        query = self.q_proj(hidden).view(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+        query = rotate(query, cos, sin)
+        num_slots = int(target_kv.end.max())
+        visible = prefix_visibility(target_kv.start, target_kv.end, num_slots)
+        key = target_kv.key[:, :, :num_slots]
+        value = target_kv.value[:, :, :num_slots]
+        out, _ = attention_with_lse(query, key.to(query.dtype), value.to(query.dtype), visible, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, num_queries, -1))
+
+
+class LongSpecMLP(nn.Module):
+    def __init__(self, config: LongSpecDraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LongSpecPreTrainedModel(PreTrainedModel):
+    config_class = LongSpecDraftConfig
+    config: LongSpecDraftConfig
+    base_model_prefix = "longspec"
+    _no_split_modules = ["LongSpecDraftModel"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, LongSpecRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class LongSpecDraftModel(LongSpecPreTrainedModel):
+    """One-block LongSpec draft. Attach a target with [`attach_target`] before running it.
+
+    Two entry points serve inference, both of which read and write a [`DraftCache`]:
+
+    - [`append_and_query_root`] consumes committed tokens into the ring and returns the logits at each
+      row's last committed token (the root of the next tree).
+    - [`query_tree_level`] writes one level of tree nodes into the tree scratch and returns their logits.
+
+    [`forward`] runs the block over whole sequences (training), with an explicit cross-attention lag.
+    """
+
+    def __init__(self, config: LongSpecDraftConfig):
+        super().__init__(config)
+        self.input_layernorm = LongSpecRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LongSpecSelfAttention(config)
+        self.post_self_attention_layernorm = LongSpecRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.cross_attn = LongSpecCrossAttention(config)
+        self.post_cross_attention_layernorm = LongSpecRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LongSpecMLP(config)
+        self._target: TargetParts | None = None
+        self.post_init()
+
+    # ----- target attachment -------------------------------------------------------------------------
+    def attach_target(self, target: PreTrainedModel) -> None:
+        """Borrow `target`'s token embedding, rotary embedding and LM head (held by reference, not saved)."""
+        base = target.get_decoder() if hasattr(target, "get_decoder") else target.model
+        self._target = TargetParts(
+            embed_tokens=target.get_input_embeddings(), rotary_emb=base.rotary_emb, lm_head=target.get_output_embeddings()
+        )
+
+    @property
+    def target_parts(self) -> TargetParts:
+        if self._target is None:
+            raise RuntimeError(
+                "This LongSpecDraftModel has no target attached: pass it to target.generate(assistant_model=draft) "
+                "or call draft.attach_target(target) first."
+            )
+        return self._target
+
+    def new_cache(self, batch_size: int, max_tree_nodes: int) -> DraftCache:
+        return DraftCache(batch_size, self.config, max_tree_nodes, self.device, self.dtype)
+
+    # ----- pieces of the block -----------------------------------------------------------------------
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.target_parts.embed_tokens(input_ids).to(self.dtype)
+
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.target_parts.rotary_emb(hidden, position_ids=position_ids.clamp(min=0))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        lm_head = self.target_parts.lm_head
+        return lm_head(hidden.to(lm_head.weight.dtype))
+
+    def _finish_block(
+        self, hidden: torch.Tensor, self_attn_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, target_kv: TargetKV
+    ) -> torch.Tensor:
+        hidden = hidden + self_attn_out
+        hidden = hidden + self.cross_attn(self.post_self_attention_layernorm(hidden), cos, sin, target_kv)
+        return hidden + self.mlp(self.post_cross_attention_layernorm(hidden))
+
+    # ----- inference ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def append_and_query_root(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        valid: torch.Tensor,
+        cache: DraftCache,
+        target_kv: TargetKV,
+    ) -> torch.Tensor:
+        """Write committed tokens into the ring and return the logits of each row's last valid token.
+
+        Args:
+            input_ids, position_ids, valid: `(B, C)`; `valid` marks real tokens (rows may be ragged and
+                padded anywhere; every row needs at least one valid token). `C` must not exceed the window.
+            cache: the draft cache, updated in place.
+            target_kv: the target's committed last-layer cache; the returned root at position `t` reads
+                positions `< t`, which must be exactly the committed slots.
+
+        Returns:
+            `(B, vocab)` logits at each row's last valid token.
+        """
+        batch, chunk = input_ids.shape
+        if chunk > cache.window:
+            raise ValueError(f"at most {cache.window} tokens can be appended at once, got {chunk}")
+        hidden = self._embed(input_ids)
+        cos, sin = self._rotary(hidden, position_ids)
+        key, value = self.self_attn.key_value(self.input_layernorm(hidden), cos, sin)
+        rows = torch.arange(batch, device=input_ids.device)[:, None].expand(batch, chunk)
+        slots = position_ids.clamp(min=0) % cache.window
+        keep_rows, keep_slots = rows[valid], slots[valid]
+        cache.key_ring[keep_rows, :, keep_slots] = key.transpose(1, 2)[valid]
+        cache.value_ring[keep_rows, :, keep_slots] = value.transpose(1, 2)[valid]
+        cache.ring_positions[keep_rows, keep_slots] = position_ids[valid]
+
+        # Only the root's query matters: take each row's last valid token.
+        last = (valid.long() * torch.arange(1, chunk + 1, device=valid.device)).argmax(dim=1, keepdim=True)
+        root_hidden = hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))
+        root_pos = position_ids.gather(1, last)
+        root_cos, root_sin = cos.gather(1, last[..., None].expand(-1, -1, cos.shape[-1])), sin.gather(
+            1, last[..., None].expand(-1, -1, sin.shape[-1])
+        )
+        visible = self._ring_visibility(cache, root_pos)
+        attn = self.self_attn(
+            self.input_layernorm(root_hidden), root_cos, root_sin, cache.key_ring, cache.value_ring, visible
+        )
+        hidden = self._finish_block(root_hidden, attn, root_cos, root_sin, target_kv)
+        return self._logits(hidden)[:, 0]
+
+    @torch.no_grad()
+    def query_tree_level(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        scratch_start: int,
+        tree_visible: torch.Tensor,
+        cache: DraftCache,
+        target_kv: TargetKV,
+    ) -> torch.Tensor:
+        """Draft one tree level: store its K/V in scratch slots `[scratch_start, scratch_start + n)`.
+
+        Args:
+            input_ids, position_ids: `(B, n)` tokens and absolute positions of the level's nodes.
+            tree_visible: `(B, n, scratch_start + n)` boolean; True where a node sees a scratch node
+                (its ancestors below the root, and itself).
+            cache, target_kv: as in [`append_and_query_root`]; the ring must hold the root.
+
+        Returns:
+            `(B, n, vocab)` logits.
+        """
+        num_nodes = input_ids.shape[1]
+        hidden = self._embed(input_ids)
+        cos, sin = self._rotary(hidden, position_ids)
+        normed = self.input_layernorm(hidden)
+        key, value = self.self_attn.key_value(normed, cos, sin)
+        end = scratch_start + num_nodes
+        cache.key_tree[:, :, scratch_start:end] = key
+        cache.value_tree[:, :, scratch_start:end] = value
+        key_all = torch.cat([cache.key_ring, cache.key_tree[:, :, :end]], dim=2)
+        value_all = torch.cat([cache.value_ring, cache.value_tree[:, :, :end]], dim=2)
+        visible = torch.cat([self._ring_visibility(cache, position_ids), tree_visible], dim=2)
+        attn = self.self_attn(normed, cos, sin, key_all, value_all, visible)
+        return self._logits(self._finish_block(hidden, attn, cos, sin, target_kv))
+
+    @staticmethod
+    def _ring_visibility(cache: DraftCache, query_positions: torch.Tensor) -> torch.Tensor:
+        """`(B, Q, window)`: ring slot visible iff its position is in `(q - window, q]`."""
+        ring = cache.ring_positions[:, None, :]
+        query = query_positions[:, :, None]
+        return (ring >= 0) & (ring <= query) & (ring > query - cache.window)
+
+    # ----- training ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        target_key: torch.Tensor,
+        target_value: torch.Tensor,
+        cross_lag: torch.Tensor | int = 1,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the block over whole sequences, as during training.
+
+        Args:
+            input_ids, position_ids: `(B, T)`.
+            target_key, target_value: `(B, Hkv, T, D)`, the target's last-layer K/V of the same tokens at
+                the same positions.
+            cross_lag: `(B,)` or int; the query at index `i` reads target K/V at indices `<= i - lag`
+                (lag 1 = strictly earlier tokens, as at the start of an inference round).
+            attention_mask: optional `(B, T)`, 0 on padding.
+
+        Returns:
+            `(B, T, vocab)` logits.
+        """
+        batch, length = input_ids.shape
+        device = input_ids.device
+        hidden = self._embed(input_ids)
+        cos, sin = self._rotary(hidden, position_ids)
+        normed = self.input_layernorm(hidden)
+        key, value = self.self_attn.key_value(normed, cos, sin)
+        index = torch.arange(length, device=device)
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        causal = (index[None, :] <= index[:, None]) & (index[None, :] > index[:, None] - self.config.sliding_window)
+        self_visible = causal[None] & valid[:, None, :]
+        self_visible = self_visible | torch.eye(length, dtype=torch.bool, device=device)[None]
+        hidden = hidden + self.self_attn(normed, cos, sin, key, value, self_visible)
+
+        lag = torch.as_tensor(cross_lag, device=device).reshape(-1, 1, 1)
+        cross_visible = (index[None, None, :] <= index[None, :, None] - lag) & valid[:, None, :]
+        normed = self.post_self_attention_layernorm(hidden)
+        query = rotate(
+            self.cross_attn.q_proj(normed).view(batch, length, -1, self.config.head_dim).transpose(1, 2), cos, sin
+        )
+        out, _ = attention_with_lse(query, target_key.to(query.dtype), target_value.to(query.dtype), cross_visible, self.cross_attn.scale)
+        hidden = hidden + self.cross_attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        hidden = hidden + self.mlp(self.post_cross_attention_layernorm(hidden))
+        return self._logits(hidden)
