@@ -45,7 +45,11 @@ def attention_with_lse(
     lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, G, Tq)
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(scores - safe_lse.unsqueeze(-1))  # exactly 0 where masked
-    out = torch.matmul(probs.view(batch, num_kv_heads, group * num_queries, -1), value.float())
+    # A slot no query sees may hold garbage (an unwritten cache slot can be NaN or inf), and 0 * NaN is NaN:
+    # zero such values so that they cannot reach the output through the zero probabilities.
+    seen_by_some_query = visible.any(dim=-2)[:, None, :, None]  # (B|1, 1, S, 1) against value (B, Hkv, S, D)
+    value = value.float().masked_fill(~seen_by_some_query, 0.0)
+    out = torch.matmul(probs.view(batch, num_kv_heads, group * num_queries, -1), value)
     out = out.view(batch, num_q_heads, num_queries, head_dim)
     return out.to(query.dtype), lse.reshape(batch, num_q_heads, num_queries)
 
