@@ -85,6 +85,8 @@ class LongSpecDraftConfig(PretrainedConfig):
         self.target_model_type = target_model_type
         self.target_name_or_path = target_name_or_path
         self.tree_widths = list(tree_widths) if tree_widths is not None else [4, 16, 16, 16, 16]
+        # The draft predicts tokens of the target's vocabulary (transformers compares assistants by this).
+        self.vocab_size = target_vocab_size
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

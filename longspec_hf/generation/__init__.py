@@ -1,0 +1,19 @@
+"""LongSpec decoding: target cache, tree attention hook, tree drafting and verification, the loop."""
+
+from .attention import LongSpecAttentionInputs, longspec_attention
+from .cache import LongSpecCache
+from .candidate_generator import LongSpecCandidateGenerator, target_kv_from_cache
+from .decoding import LongSpecStats, longspec_decode
+from .tree import DraftTree, accept_greedy
+
+__all__ = [
+    "DraftTree",
+    "LongSpecAttentionInputs",
+    "LongSpecCache",
+    "LongSpecCandidateGenerator",
+    "LongSpecStats",
+    "accept_greedy",
+    "longspec_attention",
+    "longspec_decode",
+    "target_kv_from_cache",
+]

@@ -1,0 +1,120 @@
+"""The target's attention during LongSpec decoding, registered through transformers' AttentionInterface.
+
+A LongSpec forward passes `longspec=LongSpecAttentionInputs(...)` to `target(...)`; transformers forwards
+that keyword down to every attention call. The registered function then reads the layer's K/V from the
+[`LongSpecCache`] and computes either
+
+- prefill: causal attention over the prompt, padding excluded, or
+- tree verification: the hybrid attention of `kernels.prefix_tree_attention` (committed prefix without a
+  mask, tree nodes with their ancestor mask, merged exactly through their log-sum-exp).
+
+Any forward without that keyword is delegated to the implementation the user had chosen. The switch is
+scoped by [`longspec_attention`], which restores the user's implementation on exit, errors included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .. import kernels
+from .cache import LongSpecCache
+
+ATTENTION_PREFIX = "longspec_"
+
+
+@dataclass
+class LongSpecAttentionInputs:
+    """What a LongSpec forward tells the attention.
+
+    Attributes:
+        cache: the target cache holding every layer's K/V.
+        tree_mask: `(B, T, T)` ancestor mask for a tree forward; None for the prefill.
+    """
+
+    cache: LongSpecCache
+    tree_mask: torch.Tensor | None = None
+
+
+def _prefill_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pad_start: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention over the prompt slots; slots before `pad_start[b]` are padding."""
+    length = query.shape[2]
+    if bool((pad_start == 0).all()):
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+    slots = torch.arange(length, device=query.device)
+    causal = slots[None, :] <= slots[:, None]
+    visible = causal[None] & (slots[None, None, :] >= pad_start[:, None, None])
+    # Padding queries see themselves only (their outputs are never used), so no row is empty.
+    visible = visible | torch.eye(length, dtype=torch.bool, device=query.device)[None]
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=visible[:, None], scale=scale, enable_gqa=True
+    )
+
+
+def longspec_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    fallback: str,
+    longspec: LongSpecAttentionInputs | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """An `AttentionInterface` function. Returns `(B, T, Hq, D)` like transformers' implementations."""
+    if longspec is None:
+        return ALL_ATTENTION_FUNCTIONS[fallback](
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    cache = longspec.cache
+    layer = module.layer_idx
+    if longspec.tree_mask is None:
+        out = _prefill_attention(query, key, value, cache.pad_start, scale)
+    else:
+        num_nodes = query.shape[2]
+        out, _ = kernels.prefix_tree_attention(
+            query,
+            cache.kv[layer, 0],
+            cache.kv[layer, 1],
+            cache.pad_start,
+            cache.committed_len,
+            cache.kv_tree[layer, 0, :, :, :num_nodes],
+            cache.kv_tree[layer, 1, :, :, :num_nodes],
+            longspec.tree_mask,
+            scale,
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _registered_name(fallback: str) -> str:
+    name = ATTENTION_PREFIX + fallback
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, functools.partial(longspec_attention_forward, fallback=fallback))
+    return name
+
+
+@contextlib.contextmanager
+def longspec_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Run `model` with the LongSpec attention inside the block; restore the user's choice afterwards."""
+    original = model.config._attn_implementation or "sdpa"
+    if original.startswith(ATTENTION_PREFIX):  # nested call: already active
+        yield
+        return
+    model.set_attn_implementation(_registered_name(original))
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)

@@ -1,0 +1,137 @@
+"""The drafting side of LongSpec as a transformers `CandidateGenerator`.
+
+[`LongSpecCandidateGenerator.propose_tree`] drafts a beam-style tree for every row of a batch. With a
+chain of widths `[1] * k`, [`get_candidates`] also makes it a drop-in candidate generator for
+transformers' own assisted-decoding loop (batch size 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.generation.candidate_generator import CandidateGenerator
+
+from ..modeling import LongSpecDraftModel, TargetKV
+from .tree import DraftTree, expand_level
+
+
+def target_kv_from_cache(cache: Cache) -> TargetKV:
+    """The last layer of a transformers cache (e.g. `DynamicCache`) as a [`TargetKV`] of batch size 1..B."""
+    layer = cache.layers[-1] if len(cache.layers) else None
+    keys = getattr(layer, "keys", None)
+    if keys is None or keys.numel() == 0:
+        raise LookupError("the target cache is still empty")
+    batch, length = keys.shape[0], keys.shape[2]
+    start = torch.zeros(batch, dtype=torch.long, device=keys.device)
+    return TargetKV(key=keys, value=layer.values, start=start, end=start + length)
+
+
+class LongSpecCandidateGenerator(CandidateGenerator):
+    """Drafts trees with a [`LongSpecDraftModel`] that reads the target's last-layer KV cache.
+
+    Args:
+        draft: the draft, attached to `target` by this constructor.
+        target: the model being decoded.
+        tree_widths: nodes per tree level, e.g. `[4, 16, 16, 16, 16]`; `[1] * k` drafts a chain of `k`.
+        batch_size: rows decoded together.
+        target_kv: returns the target's committed last-layer K/V at the time of the call.
+        max_length: total length (prompt included) that candidates never go past (chain mode).
+    """
+
+    def __init__(
+        self,
+        draft: LongSpecDraftModel,
+        target: PreTrainedModel,
+        tree_widths: Sequence[int],
+        batch_size: int,
+        target_kv: Callable[[], TargetKV],
+        max_length: int | None = None,
+    ):
+        if not tree_widths or any(int(w) < 1 for w in tree_widths):
+            raise ValueError(f"tree_widths must be a non-empty list of positive integers, got {list(tree_widths)}")
+        self.draft = draft
+        self.tree_widths = [int(w) for w in tree_widths]
+        self.target_kv = target_kv
+        self.max_length = max_length
+        draft.attach_target(target)
+        self.cache = draft.new_cache(batch_size, max_tree_nodes=sum(self.tree_widths))
+
+    @torch.no_grad()
+    def propose_tree(self, tokens: torch.Tensor, seq_len: torch.Tensor, pad_start: torch.Tensor) -> DraftTree:
+        """Draft a tree rooted at each row's last token.
+
+        Args:
+            tokens: `(B, S)` token buffer; row `b` holds its sequence (left padding included) in
+                `[0, seq_len[b])`.
+            seq_len: `(B,)` current length of each row; the root is token `seq_len[b] - 1`.
+            pad_start: `(B,)` left-padding length of each row.
+
+        Returns:
+            A [`DraftTree`] with `1 + sum(tree_widths)` nodes.
+        """
+        target_kv = self.target_kv()
+        root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv)
+        root_tokens = tokens.gather(1, (seq_len - 1)[:, None])[:, 0]
+        root_position = seq_len - 1 - pad_start
+        tree = DraftTree.root_only(root_tokens)
+        log_probs = torch.log_softmax(root_logits.float(), dim=-1)[:, None]  # (B, 1, V)
+        for level, width in enumerate(self.tree_widths, start=1):
+            parents = tree.level_slice(level - 1)
+            new_tokens, parent_local, scores = expand_level(log_probs, tree.log_probs[:, parents], width)
+            tree.add_level(new_tokens, parent_local + parents.start, scores)
+            if level == len(self.tree_widths):
+                break
+            nodes = tree.level_slice(level)
+            # Scratch slot of node i is i - 1 (the root lives in the ring).
+            visible = tree.ancestors[:, nodes, 1 : nodes.stop]
+            positions = (root_position[:, None] + level).expand_as(new_tokens)
+            logits = self.draft.query_tree_level(
+                new_tokens, positions, nodes.start - 1, visible, self.cache, target_kv
+            )
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return tree
+
+    def _consume_committed(
+        self, tokens: torch.Tensor, seq_len: torch.Tensor, pad_start: torch.Tensor, target_kv: TargetKV
+    ) -> torch.Tensor:
+        """Feed each row's tokens the ring has not seen (at least the root); return the root's logits."""
+        cache = self.cache
+        window = cache.window
+        first = torch.maximum(torch.minimum(cache.seen_len, seq_len - 1), (seq_len - window).clamp(min=0))
+        first = torch.maximum(first, pad_start)
+        chunk = int((seq_len - first).max())
+        slots = first[:, None] + torch.arange(chunk, device=tokens.device)
+        valid = slots < seq_len[:, None]
+        slots = torch.minimum(slots, seq_len[:, None] - 1)
+        logits = self.draft.append_and_query_root(
+            tokens.gather(1, slots), slots - pad_start[:, None], valid, cache, target_kv
+        )
+        cache.seen_len = seq_len.clone()
+        return logits
+
+    # ----- transformers CandidateGenerator API (batch size 1, chains) --------------------------------------
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
+        """Extend `input_ids` `(1, S)` with the draft's chain (the first path of the tree)."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("transformers' assisted decoding loop runs batch size 1")
+        length = input_ids.shape[1]
+        seq_len = torch.full((1,), length, device=input_ids.device, dtype=torch.long)
+        pad_start = torch.zeros_like(seq_len)
+        try:
+            tree = self.propose_tree(input_ids, seq_len, pad_start)
+        except LookupError:  # the target has not run yet: its first forward verifies no candidates
+            return input_ids, None
+        # The best leaf's path: with widths [1]*k this is the whole chain.
+        path = [int(tree.log_probs[0, tree.level_slice(tree.max_depth)].argmax()) + tree.level_slice(tree.max_depth).start]
+        while path[-1] != 0:
+            path.append(int(tree.parents[0, path[-1]]))
+        chain = tree.tokens[0, list(reversed(path))[1:]]
+        if self.max_length is not None:
+            chain = chain[: max(self.max_length - length - 1, 0)]
+        return torch.cat([input_ids, chain[None].to(input_ids.dtype)], dim=1), None
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
+        """The tree shape is fixed per call; nothing to adapt."""

@@ -1,0 +1,305 @@
+"""The LongSpec decoding loop: draft a tree, verify it in one target forward, keep the longest match.
+
+Read top to bottom: `longspec_decode` prefills the target, then runs rounds until every row is done.
+Each round
+
+1. drafts a tree per row from the row's last token (the root),
+2. runs the target once over root + tree nodes (hybrid prefix/tree attention, K/V into scratch),
+3. processes the target's logits at every node as transformers would at that point of the sequence,
+4. accepts the deepest node whose path equals the target's choices, plus the target's bonus token,
+5. compacts the accepted path's K/V into the committed cache of every layer,
+6. hands the new tokens to the output, which applies max length, EOS and stopping criteria per token.
+
+Rows advance at their own pace; every buffer has explicit per-row lengths (`seq_len`, the cache's
+`committed_len`, `pad_start`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from ..modeling import LongSpecDraftModel
+from .attention import LongSpecAttentionInputs, longspec_attention
+from .cache import LongSpecCache
+from .candidate_generator import LongSpecCandidateGenerator
+from .processing import tree_scores
+from .tree import accept_greedy
+
+
+@dataclass
+class LongSpecStats:
+    """Statistics of one LongSpec `generate` call.
+
+    Attributes:
+        rounds: draft-and-verify rounds (target forwards after the prefill).
+        accepted_lengths: tokens each active row gained in each round (accepted draft tokens + 1).
+    """
+
+    rounds: int = 0
+    accepted_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Mean tokens gained per row per round (tau); 0.0 when no round ran."""
+        return sum(self.accepted_lengths) / len(self.accepted_lengths) if self.accepted_lengths else 0.0
+
+    def reset(self) -> None:
+        self.rounds = 0
+        self.accepted_lengths.clear()
+
+
+def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """`(B,)` number of leading zeros of each row; raises unless every row is `0...0 1...1`."""
+    mask = attention_mask.bool()
+    pad_start = (~mask).long().cumprod(dim=1).sum(dim=1)
+    slots = torch.arange(mask.shape[1], device=mask.device)
+    if not bool((mask == (slots[None, :] >= pad_start[:, None])).all()):
+        raise ValueError(
+            "LongSpec decoding needs left padding: every attention_mask row must be zeros followed by ones. "
+            "Tokenize with padding_side='left'."
+        )
+    if bool((pad_start == mask.shape[1]).any()):
+        raise ValueError("attention_mask has a row without any token")
+    return pad_start
+
+
+class _Output:
+    """Collects each row's generated tokens and applies max length, EOS and stopping criteria per token."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_new_tokens: int,
+        eos_token_ids: set[int],
+        stopping_criteria: StoppingCriteriaList,
+        keep_scores: bool,
+        keep_logits: bool,
+        streamer,
+        pad_token_id: int,
+    ):
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_ids = eos_token_ids
+        self.stopping_criteria = stopping_criteria
+        self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
+        self.scores: list[list[torch.Tensor]] | None = [[] for _ in range(batch_size)] if keep_scores else None
+        self.logits: list[list[torch.Tensor]] | None = [[] for _ in range(batch_size)] if keep_logits else None
+        self.done = [False] * batch_size
+        self.streamer = streamer
+        self.pad_token_id = pad_token_id
+        self.streamed = 0
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def add(
+        self,
+        new_tokens: torch.Tensor,
+        counts: torch.Tensor,
+        buffer: torch.Tensor,
+        seq_len: torch.Tensor,
+        scores: torch.Tensor | None,
+        logits: torch.Tensor | None,
+    ) -> list[int]:
+        """Take up to `counts[b]` tokens of `new_tokens[b]` for every row not done; return how many each took.
+
+        `buffer[b, seq_len[b]:]` must already hold the new tokens (stopping criteria read the sequence).
+        `scores`/`logits` are `(B, P, V)`, the values at which each new token was chosen.
+        """
+        taken = [0] * len(self.tokens)
+        for row, (row_tokens, count) in enumerate(zip(new_tokens.tolist(), counts.tolist())):
+            for j in range(count if not self.done[row] else 0):
+                token = row_tokens[j]
+                self.tokens[row].append(token)
+                taken[row] += 1
+                if self.scores is not None:
+                    self.scores[row].append(scores[row, j])
+                if self.logits is not None:
+                    self.logits[row].append(logits[row, j])
+                if token in self.eos_token_ids or len(self.tokens[row]) >= self.max_new_tokens:
+                    self.done[row] = True
+                elif len(self.stopping_criteria) > 0:
+                    length = int(seq_len[row]) + j + 1
+                    row_scores = scores[row, j][None] if scores is not None else None
+                    if bool(self.stopping_criteria(buffer[row : row + 1, :length], row_scores).any()):
+                        self.done[row] = True
+                if self.done[row]:
+                    break
+        self._stream()
+        return taken
+
+    def _stream(self, final: bool = False) -> None:
+        """Give the streamer every token position that all rows have reached (in order, once).
+
+        Batches go out one `(B,)` column per step, as transformers' own loop sends them; a finished row
+        contributes its padding.
+        """
+        if self.streamer is None:
+            return
+        if len(self.tokens) == 1:
+            fresh = self.tokens[0][self.streamed :]
+            if fresh:
+                self.streamer.put(torch.tensor(fresh))
+                self.streamed += len(fresh)
+            return
+        longest = max(len(t) for t in self.tokens)
+        ready = longest if final else min(len(t) if not d else longest for t, d in zip(self.tokens, self.done))
+        while self.streamed < ready:
+            column = [t[self.streamed] if self.streamed < len(t) else self.pad_token_id for t in self.tokens]
+            self.streamer.put(torch.tensor(column))
+            self.streamed += 1
+
+    def sequences(self, input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        width = max(len(t) for t in self.tokens)
+        generated = torch.full((len(self.tokens), width), pad_token_id, dtype=input_ids.dtype)
+        for row, row_tokens in enumerate(self.tokens):
+            generated[row, : len(row_tokens)] = torch.tensor(row_tokens, dtype=input_ids.dtype)
+        return torch.cat([input_ids, generated.to(input_ids.device)], dim=1)
+
+    @staticmethod
+    def per_step(rows: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        """Per-row lists of `(V,)` tensors -> one `(B, V)` tensor per step; rows already finished get zeros."""
+        width = max(len(r) for r in rows)
+        reference = next(r[0] for r in rows if r)
+        steps = []
+        for step in range(width):
+            steps.append(
+                torch.stack([r[step] if step < len(r) else torch.zeros_like(reference) for r in rows])
+            )
+        return tuple(steps)
+
+
+@torch.no_grad()
+def longspec_decode(
+    target: PreTrainedModel,
+    input_ids: torch.Tensor,
+    draft: LongSpecDraftModel,
+    *,
+    tree_widths: Sequence[int],
+    generation_config: GenerationConfig,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    streamer=None,
+    attention_mask: torch.Tensor | None = None,
+    stats: LongSpecStats | None = None,
+) -> torch.Tensor | GenerateDecoderOnlyOutput:
+    """Greedy LongSpec tree decoding; returns what `target.generate` returns for the same arguments."""
+    batch_size, prompt_len = input_ids.shape
+    device = input_ids.device
+    max_new_tokens = generation_config.max_length - prompt_len
+    text_config = target.config.get_text_config()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    pad_start = left_padding(attention_mask)
+    stats = stats if stats is not None else LongSpecStats()
+    eos = generation_config._eos_token_tensor
+    eos_token_ids = set(eos.reshape(-1).tolist()) if eos is not None else set()
+    pad = generation_config._pad_token_tensor
+    pad_token_id = int(pad) if pad is not None else (min(eos_token_ids) if eos_token_ids else 0)
+    extra_criteria = StoppingCriteriaList(
+        [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+    )
+    return_dict = generation_config.return_dict_in_generate
+    output = _Output(
+        batch_size,
+        max_new_tokens,
+        eos_token_ids,
+        extra_criteria,
+        keep_scores=return_dict and generation_config.output_scores,
+        keep_logits=return_dict and generation_config.output_logits,
+        streamer=streamer,
+        pad_token_id=pad_token_id,
+    )
+    if max_new_tokens <= 0:
+        return _finish(output, input_ids, pad_token_id, return_dict, streamer)
+
+    num_tree_nodes = 1 + sum(tree_widths)
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    capacity = prompt_len + max_new_tokens + len(tree_widths) + 1
+    cache = LongSpecCache(
+        num_layers=text_config.num_hidden_layers,
+        batch_size=batch_size,
+        num_kv_heads=text_config.num_key_value_heads,
+        head_dim=head_dim,
+        capacity=capacity,
+        max_tree_nodes=num_tree_nodes,
+        pad_start=pad_start,
+        device=device,
+        dtype=target.dtype,
+    )
+    tokens = torch.full((batch_size, capacity), pad_token_id, dtype=input_ids.dtype, device=device)
+    tokens[:, :prompt_len] = input_ids
+    seq_len = torch.full((batch_size,), prompt_len, dtype=torch.long, device=device)
+
+    with longspec_attention(target):
+        # Prefill: the prompt's K/V become the committed prefix; its last logits give the first token.
+        cache.begin_prefill(prompt_len)
+        positions = (torch.arange(prompt_len, device=device)[None, :] - pad_start[:, None]).clamp(min=0)
+        logits = target(
+            input_ids=input_ids,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            longspec=LongSpecAttentionInputs(cache),
+        ).logits[:, -1:].float()
+        scores = logits_processor(input_ids, logits[:, 0].clone())[:, None]
+        first = scores.argmax(dim=-1)
+        tokens[:, prompt_len] = first[:, 0]
+        ones = torch.ones(batch_size, dtype=torch.long, device=device)
+        output.add(first, ones, tokens, seq_len, scores, logits)
+        seq_len += 1
+
+        drafter = LongSpecCandidateGenerator(draft, target, tree_widths, batch_size, cache.target_kv)
+        while not output.all_done:
+            tree = drafter.propose_tree(tokens, seq_len, pad_start)
+            positions = (seq_len - 1 - pad_start)[:, None] + tree.depths[None, :]
+            cache.begin_tree(tree.num_nodes)
+            logits = target(
+                input_ids=tree.tokens,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=0,
+                longspec=LongSpecAttentionInputs(cache, tree_mask=tree.ancestors),
+            ).logits
+            scores = tree_scores(logits, logits_processor, tokens, seq_len, tree)
+            acceptance = accept_greedy(tree, scores.argmax(dim=-1))
+
+            active = torch.tensor([not d for d in output.done], device=device)
+            gained = torch.where(active, acceptance.num_accepted + 1, 0)
+            cache.compact(acceptance.path, gained)
+            write = seq_len[:, None] + torch.arange(acceptance.new_tokens.shape[1], device=device)
+            tokens.scatter_(1, write, acceptance.new_tokens)
+            node_scores = _at_path(scores, acceptance.path) if output.scores is not None else None
+            node_logits = _at_path(logits, acceptance.path) if output.logits is not None else None
+            output.add(acceptance.new_tokens, gained, tokens, seq_len, node_scores, node_logits)
+            stats.rounds += 1
+            stats.accepted_lengths.extend(gained[active].tolist())
+            seq_len += gained
+    draft.last_stats = stats
+    return _finish(output, input_ids, pad_token_id, return_dict, streamer)
+
+
+def _at_path(values: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """`(B, P, V)` rows of `values` `(B, 1 + N, V)` at the path's nodes."""
+    return values.gather(1, path[..., None].expand(-1, -1, values.shape[-1])).float()
+
+
+def _finish(output: _Output, input_ids: torch.Tensor, pad_token_id: int, return_dict: bool, streamer):
+    if streamer is not None:
+        output._stream(final=True)
+        streamer.end()
+    sequences = output.sequences(input_ids, pad_token_id)
+    if not return_dict:
+        return sequences
+    scores = _Output.per_step(output.scores) if output.scores else None
+    logits = _Output.per_step(output.logits) if output.logits else None
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits)

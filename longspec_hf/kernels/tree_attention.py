@@ -1,0 +1,400 @@
+"""Hybrid prefix + tree attention in Triton: one split-KV launch plus a small reduction.
+
+What it computes is `reference.prefix_tree_attention`: every tree query attends to its row's committed
+prefix `[prefix_start[b], prefix_end[b])` of a preallocated cache without any mask, and to the tree
+keys under the ancestor mask; it returns the output and the log-sum-exp (LSE) of the scaled scores.
+
+How (flash-decoding with grouped-query heads folded into the tile rows):
+
+* The `G = Hq / Hkv` query heads that share a K/V head and the `Tq` tree queries form the `M = G * Tq`
+  rows of one query tile, row `m = g * Tq + t`. A program therefore loads each K/V tile once for all of
+  them: the prefix is read from memory once per KV head, not once per query head or per query.
+* The keys of a row are seen as one sequence: the prefix, then the `Tt` tree keys. Program `split` of
+  `num_splits` takes one contiguous chunk of it (whole `BLOCK_N` blocks), so the long prefix is spread
+  over the whole GPU even at batch 1. Each program keeps an online softmax in base 2 and writes its
+  normalised partial output and partial LSE; `_merge_splits_kernel` combines the splits exactly.
+* Prefix blocks need no mask except the last partial one of a chunk; the ancestor mask is loaded and
+  applied only on tree blocks, which live in their own tensor. Slots outside `[prefix_start,
+  prefix_end)` are never loaded, so garbage in unwritten cache slots cannot reach the result.
+
+The same kernel with the tree (or the prefix) switched off gives the two passes of the paper's method,
+merged afterwards with `merge_attention`; `two_pass_prefix_tree_attention` is that variant.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import merge_attention
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+
+
+@triton.jit
+def _online_softmax_step(acc, row_max, row_sum, scores, value, MAY_HIDE_WHOLE_ROWS: tl.constexpr):
+    """Fold one block of base-2 scores `(BLOCK_M, BLOCK_N)` and its values `(BLOCK_N, BLOCK_D)` into the
+    running output `acc`, row maximum and row sum of `exp2(score - row_max)`."""
+    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    if MAY_HIDE_WHOLE_ROWS:
+        # A row that has seen no key yet has max -inf; shift by 0 instead so that exp2 gives 0, not NaN.
+        new_max_ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+    else:
+        new_max_ref = new_max
+    probs = tl.exp2(scores - new_max_ref[:, None])
+    correction = tl.exp2(row_max - new_max_ref)
+    row_sum = row_sum * correction + tl.sum(probs, 1)
+    acc = acc * correction[:, None]
+    acc = tl.dot(probs.to(value.dtype), value, acc)
+    return acc, new_max, row_sum
+
+
+@triton.jit
+def _prefix_tree_attention_kernel(
+    Q, K_prefix, V_prefix, Prefix_start, Prefix_end, K_tree, V_tree, Tree_mask,
+    Out, Lse, Out_partial, Lse_partial,
+    qk_scale_log2,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kpb, stride_kph, stride_kps, stride_kpd,
+    stride_vpb, stride_vph, stride_vps, stride_vpd,
+    stride_ktb, stride_kth, stride_kts, stride_ktd,
+    stride_vtb, stride_vth, stride_vts, stride_vtd,
+    stride_mb, stride_mq, stride_mt,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_lb, stride_lh, stride_lt,
+    num_kv_heads, num_queries, num_tree, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, D_PADDED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_PREFIX: tl.constexpr, USE_TREE: tl.constexpr, WRITE_FINAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program (m block, split, batch row * KV head): attention of `BLOCK_M` folded query rows over one
+    chunk of the row's keys (prefix, then tree). Writes the final output when there is one split,
+    otherwise the chunk's normalised output and base-2 LSE into the partial buffers."""
+    block_m = tl.program_id(0)
+    split = tl.program_id(1)
+    batch_head = tl.program_id(2)
+    batch = batch_head // num_kv_heads
+    kv_head = batch_head % num_kv_heads
+    batch64 = batch.to(tl.int64)
+    kv_head64 = kv_head.to(tl.int64)
+
+    num_rows = GROUP * num_queries
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    query_head = kv_head * GROUP + rows // num_queries
+    query_index = rows % num_queries
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < HEAD_DIM
+    key_offsets = tl.arange(0, BLOCK_N)
+
+    q_ptrs = (Q + batch64 * stride_qb + query_head[:, None].to(tl.int64) * stride_qh
+              + query_index[:, None] * stride_qt + dims[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # This program's chunk [chunk_lo, chunk_hi) of the row's keys: prefix positions first, then tree.
+    if USE_PREFIX:
+        prefix_start = tl.load(Prefix_start + batch).to(tl.int32)
+        prefix_len = tl.maximum(tl.load(Prefix_end + batch).to(tl.int32) - prefix_start, 0)
+    else:
+        prefix_start = 0
+        prefix_len = 0
+    if USE_TREE:
+        tree_len = num_tree
+    else:
+        tree_len = 0
+    total_len = prefix_len + tree_len
+    chunk = tl.cdiv(tl.cdiv(total_len, num_splits), BLOCK_N) * BLOCK_N
+    chunk_lo = split * chunk
+    chunk_hi = tl.minimum(chunk_lo + chunk, total_len)
+
+    if USE_PREFIX:
+        k_base = K_prefix + batch64 * stride_kpb + kv_head64 * stride_kph
+        v_base = V_prefix + batch64 * stride_vpb + kv_head64 * stride_vph
+        prefix_hi = tl.minimum(chunk_hi, prefix_len)
+        full_hi = chunk_lo + tl.maximum(prefix_hi - chunk_lo, 0) // BLOCK_N * BLOCK_N
+        # Whole blocks inside the prefix: no mask at all (but on padded head dims).
+        first_slots = prefix_start + chunk_lo + key_offsets
+        k_ptrs = k_base + first_slots[:, None] * stride_kps + dims[None, :] * stride_kpd
+        v_ptrs = v_base + first_slots[:, None] * stride_vps + dims[None, :] * stride_vpd
+        for _ in range(chunk_lo, full_hi, BLOCK_N):
+            if D_PADDED:
+                k = tl.load(k_ptrs, mask=dim_valid[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=dim_valid[None, :], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, scores, v, False)
+            k_ptrs += BLOCK_N * stride_kps
+            v_ptrs += BLOCK_N * stride_vps
+        # The chunk's last, partial prefix block: keys past the prefix end are neither loaded nor seen.
+        if full_hi < prefix_hi:
+            positions = full_hi + key_offsets
+            key_valid = positions < prefix_hi
+            slots = prefix_start + positions
+            k = tl.load(k_base + slots[:, None] * stride_kps + dims[None, :] * stride_kpd,
+                        mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
+            v = tl.load(v_base + slots[:, None] * stride_vps + dims[None, :] * stride_vpd,
+                        mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            scores = tl.where(key_valid[None, :], scores, float("-inf"))
+            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, scores, v, False)
+
+    if USE_TREE:
+        kt_base = K_tree + batch64 * stride_ktb + kv_head64 * stride_kth
+        vt_base = V_tree + batch64 * stride_vtb + kv_head64 * stride_vth
+        mask_base = Tree_mask + batch64 * stride_mb
+        tree_lo = tl.maximum(chunk_lo, prefix_len) - prefix_len
+        tree_hi = tl.maximum(chunk_hi, prefix_len) - prefix_len
+        for block_lo in range(tree_lo, tree_hi, BLOCK_N):
+            nodes = block_lo + key_offsets
+            node_valid = nodes < tree_hi
+            k = tl.load(kt_base + nodes[:, None] * stride_kts + dims[None, :] * stride_ktd,
+                        mask=node_valid[:, None] & dim_valid[None, :], other=0.0)
+            v = tl.load(vt_base + nodes[:, None] * stride_vts + dims[None, :] * stride_vtd,
+                        mask=node_valid[:, None] & dim_valid[None, :], other=0.0)
+            # The ancestor mask row of query t serves all G heads of the group (rows g * Tq + t).
+            visible = tl.load(mask_base + query_index[:, None] * stride_mq + nodes[None, :] * stride_mt,
+                              mask=row_valid[:, None] & node_valid[None, :], other=0)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            scores = tl.where(visible != 0, scores, float("-inf"))
+            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, scores, v, True)
+
+    # A row that saw nothing has row_sum 0: output 0 and LSE -inf (log2(0) = -inf), as the reference.
+    out = tl.where(row_sum[:, None] > 0, acc / row_sum[:, None], 0.0)
+    lse_log2 = row_max + tl.log2(row_sum)
+    if WRITE_FINAL:
+        out_ptrs = (Out + batch64 * stride_ob + query_head[:, None].to(tl.int64) * stride_oh
+                    + query_index[:, None] * stride_ot + dims[None, :] * stride_od)
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+        lse_ptrs = Lse + batch64 * stride_lb + query_head.to(tl.int64) * stride_lh + query_index * stride_lt
+        tl.store(lse_ptrs, lse_log2 * 0.6931471805599453, mask=row_valid)
+    else:
+        # Partial buffers are contiguous (B, Hkv, num_splits, M[, D]).
+        partial_row = (batch_head.to(tl.int64) * num_splits + split) * num_rows + rows
+        tl.store(Out_partial + partial_row[:, None] * HEAD_DIM + dims[None, :], out,
+                 mask=row_valid[:, None] & dim_valid[None, :])
+        tl.store(Lse_partial + partial_row, lse_log2, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    Out_partial, Lse_partial, Out, Lse,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_lb, stride_lh, stride_lt,
+    num_kv_heads, num_queries, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Program (m block, batch row * KV head): exact softmax merge of the splits,
+    `out = sum_s 2^(lse_s - max) out_s / sum_s 2^(lse_s - max)`, `lse = max + log2(sum)` (then to base e)."""
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_kv_heads
+    kv_head = batch_head % num_kv_heads
+    num_rows = GROUP * num_queries
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < HEAD_DIM
+    first_row = batch_head.to(tl.int64) * num_splits * num_rows + rows
+
+    lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for split in range(num_splits):
+        lse_split = tl.load(Lse_partial + first_row + split * num_rows, mask=row_valid, other=float("-inf"))
+        lse_max = tl.maximum(lse_max, lse_split)
+    # Rows no split saw stay at -inf; shift them by 0 so that their weights are exactly 0.
+    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weight_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for split in range(num_splits):
+        partial_row = first_row + split * num_rows
+        weight = tl.exp2(tl.load(Lse_partial + partial_row, mask=row_valid, other=float("-inf")) - lse_ref)
+        out_split = tl.load(Out_partial + partial_row[:, None] * HEAD_DIM + dims[None, :],
+                            mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+        # A split that saw no key has weight 0; skip its (zero) output explicitly so that it cannot add NaN.
+        acc += tl.where(weight[:, None] > 0, weight[:, None] * out_split, 0.0)
+        weight_sum += weight
+
+    out = tl.where(weight_sum[:, None] > 0, acc / weight_sum[:, None], 0.0)
+    lse = (lse_ref + tl.log2(weight_sum)) * 0.6931471805599453
+    query_head = kv_head * GROUP + rows // num_queries
+    query_index = rows % num_queries
+    out_ptrs = (Out + batch.to(tl.int64) * stride_ob + query_head[:, None].to(tl.int64) * stride_oh
+                + query_index[:, None] * stride_ot + dims[None, :] * stride_od)
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+    lse_ptrs = Lse + batch.to(tl.int64) * stride_lb + query_head.to(tl.int64) * stride_lh + query_index * stride_lt
+    tl.store(lse_ptrs, lse, mask=row_valid)
+
+
+# True when this module's kernels were built by the Triton interpreter (TRITON_INTERPRET=1 at import):
+# they then run on CPU tensors.
+INTERPRETED = type(_prefix_tree_attention_kernel).__name__ == "InterpretedFunction"
+
+
+def _new_buffer(shape, dtype, device) -> torch.Tensor:
+    """Allocation of outputs and workspaces (one place, so that tests can poison every buffer)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few splits, so that CPU tests exercise the merge
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(num_rows: int, head_dim: int) -> dict:
+    """Tile shape and launch parameters for `M = G * Tq` folded query rows of head dim `head_dim`."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = min(128 if block_d <= 128 else 64, max(16, triton.next_power_of_2(num_rows)))
+    block_n = 64 if block_d <= 128 else 32
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "num_warps": 8 if block_m >= 128 else 4,
+        "num_stages": 3 if block_d <= 128 else 2,
+    }
+
+
+def default_num_splits(num_programs_per_split: int, num_keys: int, block_n: int, device: torch.device) -> int:
+    """Enough splits to give every multiprocessor one program (one full wave, no straggling partial
+    wave), but no chunk shorter than four blocks: beyond that the merge costs more than it spreads."""
+    fill = max(1, _multiprocessor_count(device) // max(1, num_programs_per_split))
+    return max(1, min(fill, triton.cdiv(num_keys, 4 * block_n)))
+
+
+def _launch(
+    query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale,
+    *, config=None, num_splits=None,
+):
+    """Attention of `query` over the prefix (when `key_prefix` is given) and the masked tree (when
+    `key_tree` is given) in one split-KV launch (+ the merge launch when `num_splits > 1`)."""
+    batch, num_q_heads, num_queries, head_dim = query.shape
+    reference_kv = key_prefix if key_prefix is not None else key_tree
+    num_kv_heads = reference_kv.shape[1]
+    group = num_q_heads // num_kv_heads
+    num_rows = group * num_queries
+    device = query.device
+    out = _new_buffer((batch, num_q_heads, num_queries, head_dim), query.dtype, device)
+    lse = _new_buffer((batch, num_q_heads, num_queries), torch.float32, device)
+    if out.numel() == 0:
+        return out, lse
+
+    cfg = dict(default_config(num_rows, head_dim), **(config or {}))
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    num_blocks_m = triton.cdiv(num_rows, block_m)
+    use_prefix, use_tree = key_prefix is not None, key_tree is not None
+    num_tree = key_tree.shape[2] if use_tree else 0
+    if num_splits is None:
+        # key_prefix may be a whole preallocated cache: its length bounds the chunk count from above,
+        # the kernel divides each row's actual length.
+        max_keys = (key_prefix.shape[2] if use_prefix else 0) + num_tree
+        num_splits = default_num_splits(batch * num_kv_heads * num_blocks_m, max_keys, block_n, device)
+
+    if use_prefix:
+        prefix_start = prefix_start.to(device=device)
+        prefix_end = prefix_end.to(device=device)
+    else:
+        key_prefix = value_prefix = prefix_start = prefix_end = query  # unused placeholders
+    if use_tree:
+        tree_mask_bytes = tree_mask.view(torch.uint8) if tree_mask.dtype == torch.bool else tree_mask
+        tree_mask_strides = tree_mask_bytes.stride()
+    else:
+        key_tree = value_tree = tree_mask_bytes = query
+        tree_mask_strides = (0, 0, 0)
+
+    if num_splits > 1:
+        out_partial = _new_buffer((batch, num_kv_heads, num_splits, num_rows, head_dim), torch.float32, device)
+        lse_partial = _new_buffer((batch, num_kv_heads, num_splits, num_rows), torch.float32, device)
+    else:
+        out_partial, lse_partial = out, lse  # unused
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    _prefix_tree_attention_kernel[(num_blocks_m, num_splits, batch * num_kv_heads)](
+        query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask_bytes,
+        out, lse, out_partial, lse_partial,
+        scale * LOG2_E,
+        *query.stride(), *key_prefix.stride(), *value_prefix.stride(),
+        *key_tree.stride(), *value_tree.stride(), *tree_mask_strides,
+        *out.stride(), *lse.stride(),
+        num_kv_heads, num_queries, num_tree, num_splits,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, D_PADDED=block_d != head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, USE_PREFIX=use_prefix, USE_TREE=use_tree, WRITE_FINAL=num_splits == 1,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if num_splits > 1:
+        merge_block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
+        _merge_splits_kernel[(triton.cdiv(num_rows, merge_block_m), batch * num_kv_heads)](
+            out_partial, lse_partial, out, lse,
+            *out.stride(), *lse.stride(),
+            num_kv_heads, num_queries, num_splits,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=merge_block_m,
+            num_warps=4,
+        )
+    return out, lse
+
+
+def unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tree_mask) -> str | None:
+    """Why these inputs cannot go to the kernel, or None when they can."""
+    tensors = (query, key_prefix, value_prefix, key_tree, value_tree)
+    if query.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {query.dtype} (supported: {SUPPORTED_DTYPES})"
+    if any(t.dtype != query.dtype for t in tensors):
+        return "query, key and value dtypes differ"
+    if any(t.dim() != 4 for t in tensors) or tree_mask.dim() != 3:
+        return "expected 4-D query/key/value and a 3-D tree mask"
+    if any(t.device != query.device for t in (*tensors, tree_mask)):
+        return "tensors on different devices"
+    if query.device.type != "cuda" and not INTERPRETED:
+        return "CPU tensors (the Triton kernels need CUDA, or TRITON_INTERPRET=1 at import)"
+    head_dim = query.shape[-1]
+    if head_dim > MAX_HEAD_DIM or any(t.shape[-1] != head_dim for t in tensors):
+        return f"head dim {head_dim} (at most {MAX_HEAD_DIM}, equal for all inputs)"
+    if key_prefix.shape[1] == 0 or query.shape[1] % key_prefix.shape[1] or key_tree.shape[1] != key_prefix.shape[1]:
+        return "query heads must be a multiple of the KV heads"
+    return None
+
+
+def prefix_tree_attention(
+    query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale,
+    *, config: dict | None = None, num_splits: int | None = None,
+):
+    """Fused hybrid tree attention; same arguments and results as `reference.prefix_tree_attention`.
+
+    `config` overrides tile parameters (BLOCK_M, BLOCK_N, num_warps, num_stages) and `num_splits` the
+    number of chunks per row (benchmarks and tests; the defaults suit an H100).
+    """
+    return _launch(query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask,
+                   scale, config=config, num_splits=num_splits)
+
+
+def prefix_attention_with_lse(query, key_prefix, value_prefix, prefix_start, prefix_end, scale, **launch):
+    """Mask-free attention over the prefix slots `[prefix_start[b], prefix_end[b])`, with its LSE."""
+    return _launch(query, key_prefix, value_prefix, prefix_start, prefix_end, None, None, None, scale, **launch)
+
+
+def tree_attention_with_lse(query, key_tree, value_tree, tree_mask, scale, **launch):
+    """Attention over the tree keys under the ancestor mask, with its LSE."""
+    return _launch(query, None, None, None, None, key_tree, value_tree, tree_mask, scale, **launch)
+
+
+def two_pass_prefix_tree_attention(
+    query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale,
+):
+    """The paper's method: a mask-free prefix pass with LSE, a masked tree pass, then an exact merge."""
+    out_prefix, lse_prefix = prefix_attention_with_lse(query, key_prefix, value_prefix, prefix_start, prefix_end, scale)
+    out_tree, lse_tree = tree_attention_with_lse(query, key_tree, value_tree, tree_mask, scale, num_splits=1)
+    return merge_attention(out_prefix, lse_prefix, out_tree, lse_tree)
