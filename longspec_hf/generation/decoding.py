@@ -222,7 +222,8 @@ def longspec_decode(
 
     num_tree_nodes = 1 + sum(tree_widths)
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    capacity = prompt_len + max_new_tokens + len(tree_widths) + 1
+    # Finished rows keep riding along in the batch: leave room for one more path past the last token.
+    capacity = prompt_len + max_new_tokens + 2 * (len(tree_widths) + 1)
     cache = LongSpecCache(
         num_layers=text_config.num_hidden_layers,
         batch_size=batch_size,
@@ -280,10 +281,10 @@ def longspec_decode(
             tokens.scatter_(1, write, acceptance.new_tokens)
             node_scores = _at_path(scores, acceptance.path) if output.scores is not None else None
             node_logits = _at_path(logits, acceptance.path) if output.logits is not None else None
-            output.add(acceptance.new_tokens, gained, tokens, seq_len, node_scores, node_logits)
+            taken = output.add(acceptance.new_tokens, gained, tokens, seq_len, node_scores, node_logits)
             stats.rounds += 1
             stats.accepted_lengths.extend(gained[active].tolist())
-            seq_len += gained
+            seq_len += torch.tensor(taken, device=device)
     draft.last_stats = stats
     return _finish(output, input_ids, pad_token_id, return_dict, streamer)
 
