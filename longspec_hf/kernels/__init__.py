@@ -1,8 +1,79 @@
 """Attention and cache kernels. Each Triton kernel sits beside the pure-torch reference in `reference.py`.
 
+`prefix_tree_attention` and `compact_kv` run the Triton kernels on CUDA tensors when Triton is
+installed and the inputs are supported, and the torch reference otherwise (CPU, other dtypes).
+`backend="torch"` or `backend="triton"` forces one (a forced Triton call on unsupported inputs raises).
+Triton is optional: without it everything runs on the reference.
+
 This subpackage imports neither `generation` nor `modeling`.
 """
 
-from .reference import attention_with_lse, compact_kv, merge_attention, prefix_tree_attention, prefix_visibility
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .reference import attention_with_lse, merge_attention, prefix_visibility
+
+try:
+    from . import compaction as _compaction_triton
+    from . import tree_attention as _tree_attention_triton
+except ImportError:  # triton is not installed
+    _compaction_triton = _tree_attention_triton = None
 
 __all__ = ["attention_with_lse", "compact_kv", "merge_attention", "prefix_tree_attention", "prefix_visibility"]
+
+
+def _use_triton(backend: str | None, triton_module, unsupported_reason, device: torch.device) -> bool:
+    """Whether to run the Triton kernel: `backend` None picks it for supported CUDA inputs."""
+    if backend == "torch":
+        return False
+    if backend is None:
+        return triton_module is not None and device.type == "cuda" and unsupported_reason() is None
+    if backend != "triton":
+        raise ValueError(f"backend must be None, 'torch' or 'triton', not {backend!r}")
+    if triton_module is None:
+        raise RuntimeError("backend='triton' needs the triton package")
+    reason = unsupported_reason()
+    if reason is not None:
+        raise ValueError(f"backend='triton' cannot run these inputs: {reason}")
+    return True
+
+
+def prefix_tree_attention(
+    query: torch.Tensor,
+    key_prefix: torch.Tensor,
+    value_prefix: torch.Tensor,
+    prefix_start: torch.Tensor,
+    prefix_end: torch.Tensor,
+    key_tree: torch.Tensor,
+    value_tree: torch.Tensor,
+    tree_mask: torch.Tensor,
+    scale: float,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hybrid tree attention (see `reference.prefix_tree_attention` for the arguments and results)."""
+    args = (query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale)
+    module = _tree_attention_triton
+    reason = lambda: module.unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tree_mask)
+    if _use_triton(backend, module, reason, query.device):
+        return module.prefix_tree_attention(*args)
+    return reference.prefix_tree_attention(*args)
+
+
+def compact_kv(
+    kv: torch.Tensor,
+    kv_scratch: torch.Tensor,
+    source_index: torch.Tensor,
+    dest_start: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Fused in-place KV compaction of all layers (see `reference.compact_kv`)."""
+    module = _compaction_triton
+    reason = lambda: module.unsupported_reason(kv, kv_scratch, source_index, dest_start)
+    if _use_triton(backend, module, reason, kv.device):
+        module.compact_kv(kv, kv_scratch, source_index, dest_start)
+    else:
+        reference.compact_kv(kv, kv_scratch, source_index, dest_start)

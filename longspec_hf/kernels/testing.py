@@ -1,41 +1,18 @@
-"""Helpers for testing the kernels: interpreted copies of the Triton modules, random trees, ragged rows.
+"""Helpers for testing the kernels: random trees, ragged rows of a preallocated cache, and running
+test cases under the Triton interpreter on CPU.
 
 Nothing here runs on the inference path.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
-from types import ModuleType
 
 import torch
-
-
-def load_interpreted(module_name: str) -> ModuleType:
-    """A private copy of `longspec_hf.kernels.<module_name>` whose kernels run in the Triton interpreter.
-
-    `triton.jit` picks the interpreter when it decorates a function, if TRITON_INTERPRET=1 at that
-    moment. The variable is set only while this copy is executed and restored right after, and the
-    copy has its own module name, so the regular module (and every other Triton kernel in the process)
-    keeps compiling for the GPU.
-    """
-    path = Path(__file__).with_name(f"{module_name}.py")
-    spec = importlib.util.spec_from_file_location(f"{__package__}._interpreted_{module_name}", path)
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    if not module.INTERPRETED:
-        raise RuntimeError(f"{module_name}: this Triton version ignored TRITON_INTERPRET at decoration time")
-    return module
 
 
 def random_parents(num_nodes: int, generator: torch.Generator) -> list[int]:
@@ -65,3 +42,34 @@ def ragged_bounds(lengths: list[int], capacity: int, generator: torch.Generator)
     a cache with `capacity` slots."""
     starts = [int(torch.randint(0, capacity - length + 1, (), generator=generator)) for length in lengths]
     return torch.tensor(starts), torch.tensor([s + n for s, n in zip(starts, lengths)])
+
+
+_RESULT_MARKER = "@@kernel-case-results@@"
+_CHILD_SCRIPT = f"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("_kernel_cases", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print({_RESULT_MARKER!r} + json.dumps(getattr(module, sys.argv[2])()))
+"""
+
+
+def run_in_triton_interpreter(module_path: str, function_name: str, timeout: float = 300.0):
+    """Call `function_name()` of the Python file `module_path` in a child process whose Triton runs in
+    the interpreter, and return its JSON-able result.
+
+    The interpreter is chosen when Triton itself is imported (its own library functions are decorated
+    then), so it cannot be switched on inside a process that has already imported Triton for the GPU;
+    a child process keeps it away from every other test.
+    """
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD_SCRIPT, module_path, function_name],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    for line in reversed(child.stdout.splitlines()):
+        if line.startswith(_RESULT_MARKER):
+            return json.loads(line[len(_RESULT_MARKER):])
+    raise RuntimeError(f"interpreter child failed (exit {child.returncode}):\n{child.stdout[-3000:]}\n{child.stderr[-6000:]}")

@@ -1,0 +1,251 @@
+"""Fused prefix + tree attention kernel against the torch reference.
+
+CPU: the cases run in one child process whose Triton runs in the interpreter (fp32, fp16, small
+shapes); each test below checks one case's numbers. GPU (`-m gpu`): real head layouts and contexts in
+bf16/fp16 against a float64 dense computation.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+
+import pytest
+import torch
+
+from longspec_hf import kernels
+from longspec_hf.kernels import reference, testing
+
+# name -> shape of one CPU case. lengths: committed prefix per row, placed at random left pads in a cache
+# of `capacity` slots; tree None: Tt = Tq with random ancestor masks, else Tt keys under a random mask
+# (the draft's cross-attention), some query rows seeing none of them.
+CPU_CASES = {
+    "ragged_gqa_splits": dict(lengths=[37, 0, 64], capacity=80, kv_heads=2, group=3, queries=5, head_dim=16,
+                              num_splits=3, config=dict(BLOCK_M=16, BLOCK_N=16), query_layout="bthd"),
+    "ragged_gqa_one_split": dict(lengths=[37, 0, 64], capacity=80, kv_heads=2, group=3, queries=5, head_dim=16,
+                                 num_splits=1, config=dict(BLOCK_M=16, BLOCK_N=16)),
+    "default_launch_single_query": dict(lengths=[150, 93], capacity=160, kv_heads=1, group=4, queries=1, head_dim=64),
+    "padded_head_dim_many_row_blocks": dict(lengths=[20, 45], capacity=50, kv_heads=2, group=2, queries=17,
+                                            head_dim=24, num_splits=2, config=dict(BLOCK_M=16, BLOCK_N=16),
+                                            kv_layout="bshd"),
+    "cross_attention_tree": dict(lengths=[30, 12], capacity=40, kv_heads=2, group=1, queries=3, tree=9,
+                                 head_dim=32, num_splits=2, config=dict(BLOCK_M=16, BLOCK_N=16)),
+    "empty_prefixes": dict(lengths=[0, 0], capacity=8, kv_heads=1, group=2, queries=6, head_dim=16, num_splits=2),
+    "tree_across_chunks": dict(lengths=[5], capacity=9, kv_heads=1, group=1, queries=40, head_dim=16,
+                               num_splits=4, config=dict(BLOCK_M=16, BLOCK_N=16)),
+    "tree_of_256": dict(lengths=[70], capacity=80, kv_heads=1, group=1, queries=256, head_dim=16),
+}
+CPU_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+# Relative error bound of the output, by dtype: fp32 is exact up to summation order; fp16 rounds the
+# inputs of the probability @ value product and the output.
+REL_TOLERANCE = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 1e-2}
+
+
+def make_inputs(shape: dict, dtype: torch.dtype, device: str, seed: int) -> dict:
+    """Random inputs of one case; cache slots outside each row's prefix hold NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths, capacity = shape["lengths"], shape["capacity"]
+    batch, kv_heads, head_dim, num_queries = len(lengths), shape["kv_heads"], shape["head_dim"], shape["queries"]
+    num_q_heads = kv_heads * shape["group"]
+    randn = lambda *size: torch.randn(*size, generator=gen).to(dtype)
+    if shape.get("query_layout") == "bthd":  # the (B, T, H, D) projection output seen as (B, H, T, D)
+        query = randn(batch, num_queries, num_q_heads, head_dim).transpose(1, 2)
+    else:
+        query = randn(batch, num_q_heads, num_queries, head_dim)
+    start, end = testing.ragged_bounds(lengths, capacity, gen)
+    caches = []
+    for _ in range(2):
+        if shape.get("kv_layout") == "bshd":
+            cache = randn(batch, capacity, kv_heads, head_dim).transpose(1, 2)
+        else:
+            cache = randn(batch, kv_heads, capacity, head_dim)
+        for row in range(batch):  # garbage outside the committed prefix must never reach the result
+            cache[row, :, : start[row]] = float("nan")
+            cache[row, :, end[row]:] = float("nan")
+        caches.append(cache)
+    num_tree = shape.get("tree") or num_queries
+    if shape.get("tree"):
+        tree_mask = torch.rand(batch, num_queries, num_tree, generator=gen) < 0.4
+        tree_mask[:, 0] = False
+    else:
+        tree_mask = testing.random_tree_masks(batch, num_queries, gen)
+    inputs = dict(
+        query=query, key_prefix=caches[0], value_prefix=caches[1], prefix_start=start, prefix_end=end,
+        key_tree=randn(batch, kv_heads, num_tree, head_dim), value_tree=randn(batch, kv_heads, num_tree, head_dim),
+        tree_mask=tree_mask, scale=head_dim**-0.5,
+    )
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def compare(out, lse, ref_out, ref_lse) -> dict:
+    """Relative output error, LSE error where finite, and whether NaNs or -inf positions disagree."""
+    out64, ref64 = out.double(), ref_out.double()
+    lse_finite = torch.isfinite(ref_lse)
+    return dict(
+        out_rel_err=float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)),
+        lse_abs_err=float((lse - ref_lse)[lse_finite].abs().max()) if lse_finite.any() else 0.0,
+        has_nan=bool(out.isnan().any() or lse.isnan().any()),
+        lse_inf_mismatch=bool((torch.isfinite(lse) != lse_finite).any()),
+        out_dtype=str(out.dtype).removeprefix("torch."), lse_dtype=str(lse.dtype).removeprefix("torch."),
+    )
+
+
+def _poisoned_buffer(shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def interpreter_cases() -> dict:
+    """Run in the interpreter child: every CPU case through the kernel module and the dispatcher."""
+    from longspec_hf.kernels import tree_attention
+
+    tree_attention._new_buffer = _poisoned_buffer  # every output and workspace element must be written
+    results = {}
+    jobs = [(f"{name}-{dtype_name}", name, dtype_name, "fused") for name in CPU_CASES for dtype_name in CPU_DTYPES]
+    jobs += [(f"ragged_gqa_splits-{d}-two_pass", "ragged_gqa_splits", d, "two_pass") for d in CPU_DTYPES]
+    jobs += [(f"cross_attention_tree-{d}-dispatch", "cross_attention_tree", d, "dispatch") for d in CPU_DTYPES]
+    for seed, (key, name, dtype_name, variant) in enumerate(jobs):
+        try:
+            shape = CPU_CASES[name]
+            inputs = make_inputs(shape, CPU_DTYPES[dtype_name], "cpu", seed)
+            ref_out, ref_lse = reference.prefix_tree_attention(**inputs)
+            if variant == "fused":
+                out, lse = tree_attention.prefix_tree_attention(
+                    **inputs, config=shape.get("config"), num_splits=shape.get("num_splits"))
+            elif variant == "two_pass":
+                out, lse = tree_attention.two_pass_prefix_tree_attention(**inputs)
+            else:
+                out, lse = kernels.prefix_tree_attention(**inputs, backend="triton")
+            results[key] = compare(out, lse, ref_out, ref_lse)
+        except Exception:
+            results[key] = dict(error=traceback.format_exc())
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    pytest.importorskip("triton")
+    return testing.run_in_triton_interpreter(__file__, "interpreter_cases")
+
+
+CPU_KEYS = [f"{name}-{d}" for name in CPU_CASES for d in CPU_DTYPES]
+CPU_KEYS += [f"ragged_gqa_splits-{d}-two_pass" for d in CPU_DTYPES]
+CPU_KEYS += [f"cross_attention_tree-{d}-dispatch" for d in CPU_DTYPES]
+
+
+@pytest.mark.parametrize("key", CPU_KEYS)
+def test_kernel_matches_reference_in_interpreter(interpreter_results, key):
+    result = interpreter_results[key]
+    assert "error" not in result, result.get("error")
+    dtype_name = key.split("-")[1]
+    assert not result["has_nan"], "unwritten output element or garbage slot read"
+    assert not result["lse_inf_mismatch"], "rows that see no key must get lse -inf, and only they"
+    assert result["out_rel_err"] < REL_TOLERANCE[dtype_name]
+    assert result["lse_abs_err"] < 10 * REL_TOLERANCE[dtype_name]
+    assert (result["out_dtype"], result["lse_dtype"]) == (dtype_name, "float32")
+
+
+def test_dispatch_on_cpu_is_the_reference():
+    inputs = make_inputs(CPU_CASES["ragged_gqa_splits"], torch.float32, "cpu", seed=100)
+    ref_out, ref_lse = reference.prefix_tree_attention(**inputs)
+    for backend in (None, "torch"):
+        out, lse = kernels.prefix_tree_attention(**inputs, backend=backend)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0, equal_nan=True)
+
+
+def test_dispatch_rejects_unknown_or_impossible_backend():
+    inputs = make_inputs(CPU_CASES["empty_prefixes"], torch.float32, "cpu", seed=101)
+    with pytest.raises(ValueError):
+        kernels.prefix_tree_attention(**inputs, backend="cuda")
+    with pytest.raises((ValueError, RuntimeError)):  # no CUDA here, or no triton at all
+        kernels.prefix_tree_attention(**inputs, backend="triton")
+
+
+def test_ancestor_mask_of_a_known_tree():
+    #   0 -> 1 -> 3
+    #   0 -> 2
+    mask = testing.ancestor_mask([-1, 0, 0, 1])
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+# ----------------------------------------------------------------------------------------------------- GPU
+
+
+def dense_float64_attention(query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree,
+                            tree_mask, scale):
+    """Independent float64 ground truth: concatenate prefix and tree keys, one boolean mask, plain softmax."""
+    num_slots = key_prefix.shape[2]
+    group = query.shape[1] // key_prefix.shape[1]
+    visible = torch.cat([reference.prefix_visibility(prefix_start, prefix_end, num_slots)
+                         .expand(-1, query.shape[2], -1), tree_mask], dim=-1)[:, None]
+    keys = torch.cat([key_prefix, key_tree], dim=2).double().repeat_interleave(group, dim=1)
+    values = torch.cat([value_prefix, value_tree], dim=2).double().nan_to_num(0.0).repeat_interleave(group, dim=1)
+    scores = (query.double() @ keys.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return probs @ values, lse
+
+
+GPU_CASES = {
+    # layout (query heads, KV heads, head dim), tree queries, prefix lengths of a ragged batch of 2
+    "llama3_8b_tree64": dict(heads=(32, 8, 128), queries=64, lengths=[16384, 9001]),
+    "qwen25_7b_tree64": dict(heads=(28, 4, 128), queries=64, lengths=[16384, 12345]),
+    "smollm2_tree64": dict(heads=(9, 3, 64), queries=64, lengths=[8192, 777]),
+    "llama3_8b_tree256": dict(heads=(32, 8, 128), queries=256, lengths=[8192, 3000]),
+    "llama3_8b_single_query": dict(heads=(32, 8, 128), queries=1, lengths=[32768, 100]),
+    "head_dim_96": dict(heads=(16, 4, 96), queries=16, lengths=[8192, 4096]),
+    "head_dim_256": dict(heads=(8, 2, 256), queries=64, lengths=[8192, 2500]),
+    "cross_attention_tree": dict(heads=(32, 8, 128), queries=16, tree=69, lengths=[16384, 5000]),
+}
+
+
+def gpu_inputs(case: dict, dtype: torch.dtype, seed: int) -> dict:
+    num_q_heads, kv_heads, head_dim = case["heads"]
+    shape = dict(lengths=case["lengths"], capacity=max(case["lengths"]) + 300, kv_heads=kv_heads,
+                 group=num_q_heads // kv_heads, queries=case["queries"], tree=case.get("tree"), head_dim=head_dim,
+                 query_layout="bthd")
+    return make_inputs(shape, dtype, "cuda", seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["fused", "two_pass"])
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_kernel_matches_float64_on_gpu(name, variant, monkeypatch):
+    from longspec_hf.kernels import tree_attention
+
+    monkeypatch.setattr(tree_attention, "_new_buffer", _poisoned_buffer)
+    inputs = gpu_inputs(GPU_CASES[name], torch.bfloat16, seed=list(GPU_CASES).index(name))
+    fn = tree_attention.prefix_tree_attention if variant == "fused" else tree_attention.two_pass_prefix_tree_attention
+    out, lse = fn(**inputs)
+    ref_out, ref_lse = dense_float64_attention(**inputs)
+    result = compare(out, lse, ref_out, ref_lse)
+    assert not result["has_nan"] and not result["lse_inf_mismatch"], result
+    assert result["out_rel_err"] < 1e-2, result
+    assert result["lse_abs_err"] < 2e-2, result
+
+
+@pytest.mark.gpu
+def test_fp16_and_fp32_on_gpu(monkeypatch):
+    from longspec_hf.kernels import tree_attention
+
+    monkeypatch.setattr(tree_attention, "_new_buffer", _poisoned_buffer)
+    for dtype, tol in ((torch.float16, 3e-3), (torch.float32, 1e-5)):
+        inputs = gpu_inputs(GPU_CASES["qwen25_7b_tree64"], dtype, seed=7)
+        result = compare(*tree_attention.prefix_tree_attention(**inputs), *dense_float64_attention(**inputs))
+        assert not result["has_nan"] and result["out_rel_err"] < tol, (dtype, result)
+
+
+@pytest.mark.gpu
+def test_dispatch_on_cuda_uses_the_kernel(monkeypatch):
+    from longspec_hf.kernels import tree_attention
+
+    calls = []
+    fused = tree_attention.prefix_tree_attention
+    monkeypatch.setattr(tree_attention, "prefix_tree_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    inputs = gpu_inputs(GPU_CASES["smollm2_tree64"], torch.bfloat16, seed=3)
+    out, lse = kernels.prefix_tree_attention(**inputs)
+    ref_out, ref_lse = kernels.prefix_tree_attention(**inputs, backend="torch")
+    assert calls == [1]
+    result = compare(out, lse, ref_out, ref_lse)
+    assert result["out_rel_err"] < 1e-2 and math.isfinite(result["lse_abs_err"])
