@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
 from ..kernels import attention_with_lse, prefix_visibility
@@ -219,7 +219,26 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         self.post_cross_attention_layernorm = LongSpecRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LongSpecMLP(config)
         self._target: TargetParts | None = None
+        # The draft's decoding defaults (tree widths) travel in generation_config.json beside its weights.
+        self.generation_config = GenerationConfig(tree_widths=list(config.tree_widths))
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """Save weights and config as transformers does, plus `generation_config.json` (tree widths)."""
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            self.generation_config.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load as transformers does, then the draft's `generation_config.json` when there is one."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError:
+            pass
+        return model
 
     # ----- target attachment -------------------------------------------------------------------------
     def attach_target(self, target: PreTrainedModel) -> None:
