@@ -286,6 +286,7 @@ def longspec_decode(
             stats.accepted_lengths.extend(gained[active].tolist())
             seq_len += torch.tensor(taken, device=device)
     draft.last_stats = stats
+    draft.last_draft_cache_nbytes = drafter.cache.nbytes()
     return _finish(output, input_ids, pad_token_id, return_dict, streamer)
 
 

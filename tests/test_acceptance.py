@@ -1,0 +1,43 @@
+"""Speculation pays when the draft agrees with the target, and the output stays identical."""
+
+from __future__ import annotations
+
+import torch
+
+from longspec_hf import LongSpecStats
+
+from .conftest import make_draft, make_target
+
+
+def test_agreeing_draft_accepts_long_paths():
+    # A target whose next token depends on the current token only: attention and MLP outputs are zero,
+    # so logits = lm_head(norm(embed(x))). A draft with zeroed block outputs computes lm_head(embed(x)):
+    # the RMS norm only rescales, so the argmax agrees. A little noise makes the draft imperfect.
+    target = make_target(vocab_size=256)
+    with torch.no_grad():
+        for layer in target.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    draft = make_draft(target)
+    with torch.no_grad():
+        draft.self_attn.o_proj.weight.normal_(std=1e-3)
+        draft.cross_attn.o_proj.weight.normal_(std=1e-3)
+        draft.mlp.down_proj.weight.normal_(std=1e-3)
+    ids = torch.randint(3, 256, (2, 16))
+    reference = target.generate(ids, max_new_tokens=120, do_sample=False)
+    stats = LongSpecStats()
+    output = target.generate(ids, assistant_model=draft, max_new_tokens=120, do_sample=False, longspec_stats=stats)
+    assert torch.equal(reference, output)
+    assert stats.mean_accepted_length > 2.0
+    # Fewer target forwards than tokens: one prefill plus one per round.
+    assert stats.rounds < 120 / 2
+
+
+def test_chain_and_tree_gain_at_most_depth_plus_one_per_round():
+    target = make_target()
+    draft = make_draft(target)
+    ids = torch.randint(3, 96, (1, 10))
+    for widths in ([1, 1, 1], [4, 16, 16, 16, 16]):
+        stats = LongSpecStats()
+        target.generate(ids, assistant_model=draft, max_new_tokens=40, do_sample=False, tree_widths=widths, longspec_stats=stats)
+        assert all(1 <= n <= len(widths) + 1 for n in stats.accepted_lengths)

@@ -1,0 +1,106 @@
+"""Bad input raises a ValueError that names the problem, before any forward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from longspec_hf import LongSpecDraftConfig, LongSpecDraftModel
+
+from .conftest import make_draft, make_target
+
+
+@pytest.fixture()
+def counted():
+    """A target and a draft that count their forward calls."""
+    target = make_target()
+    draft = make_draft(target)
+    calls = []
+    for module in (target, draft):
+        module.register_forward_pre_hook(lambda *args: calls.append(1))
+    return target, draft, calls
+
+
+def ids(length: int = 8) -> torch.Tensor:
+    return torch.randint(3, 96, (1, length))
+
+
+def draft_for(**target_overrides) -> LongSpecDraftModel:
+    return make_draft(make_target(**target_overrides))
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (dict(vocab_size=128), "vocab size 128"),
+        (dict(hidden_size=48, num_attention_heads=4), "hidden size 48"),
+        (dict(num_key_value_heads=4), "number of key/value heads 4"),
+        (dict(head_dim=16), "head dim 16"),
+    ],
+)
+def test_draft_made_for_another_target(counted, other, message):
+    target, _, calls = counted
+    with pytest.raises(ValueError, match=message):
+        target.generate(ids(), assistant_model=draft_for(**other), max_new_tokens=4)
+    assert not calls
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=96)).eval()
+    draft = make_draft(make_target())
+    with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3"):
+        gpt2.generate(ids(), assistant_model=draft, max_new_tokens=4)
+    with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3"):
+        LongSpecDraftConfig.from_target_config(gpt2.config)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_beams=2), "num_beams"),
+        (dict(num_return_sequences=2, do_sample=False), "num_return_sequences"),
+        (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
+        (dict(tree_widths=[0, 2]), "tree_widths"),
+        (dict(tree_widths=[]), "tree_widths"),
+    ],
+)
+def test_unsupported_generation_arguments(counted, kwargs, message):
+    target, draft, calls = counted
+    with pytest.raises(ValueError, match=message):
+        target.generate(ids(), assistant_model=draft, max_new_tokens=4, **kwargs)
+    assert not calls
+
+
+def test_beam_search_from_the_generation_config(counted):
+    target, draft, calls = counted
+    target.generation_config.num_beams = 3
+    try:
+        with pytest.raises(ValueError, match="num_beams"):
+            target.generate(ids(), assistant_model=draft, max_new_tokens=4)
+    finally:
+        target.generation_config.num_beams = 1
+    assert not calls
+
+
+def test_prompt_past_the_positions(counted):
+    target, draft, calls = counted
+    limit = target.config.max_position_embeddings
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        target.generate(ids(limit - 10), assistant_model=draft, max_new_tokens=20)
+    assert not calls
+
+
+def test_right_padding_is_refused(counted):
+    target, draft, calls = counted
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, -2:] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        target.generate(torch.randint(3, 96, (2, 8)), attention_mask=mask, assistant_model=draft, max_new_tokens=4)
+    assert not calls
+
+
+def test_longspec_keywords_without_a_longspec_draft():
+    target = make_target()
+    with pytest.raises(ValueError, match="tree_widths"):
+        target.generate(ids(), max_new_tokens=4, tree_widths=[2])
