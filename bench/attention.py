@@ -165,6 +165,7 @@ SWEEP_CONFIGS = {
     "m128_n64_w8_s4": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
     "m128_n128_w8_s3": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     "m128_n128_w8_s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    "m128_n64_w8_s2": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
     "m64_n64_w4_s3": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "m64_n128_w4_s3": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
     "m256_n64_w8_s2": dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=2),

@@ -255,16 +255,21 @@ def _multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_config(num_rows: int, head_dim: int) -> dict:
-    """Tile shape and launch parameters for `M = G * Tq` folded query rows of head dim `head_dim`."""
+def default_config(num_rows: int, head_dim: int, element_size: int = 2) -> dict:
+    """Tile shape and launch parameters for `M = G * Tq` folded query rows of head dim `head_dim`.
+
+    The K/V pipeline stages must fit in shared memory with the query tile: wide heads and fp32
+    inputs get shorter key blocks and fewer stages.
+    """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = min(128 if block_d <= 128 else 64, max(16, triton.next_power_of_2(num_rows)))
-    block_n = 64 if block_d <= 128 else 32
+    tile_width = block_d * element_size // 2  # in bf16 columns
+    block_m = min(128 if tile_width <= 128 else 64, max(16, triton.next_power_of_2(num_rows)))
+    block_n = 64 if tile_width <= 128 else 32
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
         "num_warps": 8 if block_m >= 128 else 4,
-        "num_stages": 3 if block_d <= 128 else 2,
+        "num_stages": 3 if tile_width <= 128 else 2,
     }
 
 
@@ -292,7 +297,7 @@ def _launch(
     if out.numel() == 0:
         return out, lse
 
-    cfg = dict(default_config(num_rows, head_dim), **(config or {}))
+    cfg = dict(default_config(num_rows, head_dim, query.element_size()), **(config or {}))
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     num_blocks_m = triton.cdiv(num_rows, block_m)
     use_prefix, use_tree = key_prefix is not None, key_tree is not None
