@@ -1,0 +1,1 @@
+"""Draft training: data, Anchor-Offset position ids, lag noise, distillation from the target."""
