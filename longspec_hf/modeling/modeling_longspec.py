@@ -231,14 +231,120 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load as transformers does, then the draft's `generation_config.json` when there is one."""
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+        """Load as transformers does, then the draft's `generation_config.json` when there is one.
+
+        Also accepts a checkpoint in the published LongSpec layout (the target's Llama/Qwen2 config beside
+        the block's weights): it is converted on load, with a logged warning (pass `sliding_window=` to
+        set the window, 512 by default). Raises a ValueError/OSError naming the problem for folders with
+        missing or mis-shaped weights or a config of another model type.
+        """
+        from . import conversion
+
+        hub_kwargs = {k: kwargs[k] for k in conversion.HUB_KWARGS if k in kwargs}
+        config = kwargs.get("config")
+        if not isinstance(config, LongSpecDraftConfig):
+            config_dict = cls._checkpoint_config_dict(pretrained_model_name_or_path, hub_kwargs)
+            model_type = config_dict.get("model_type")
+            if model_type != LongSpecDraftConfig.model_type:
+                if conversion.is_old_layout(config_dict):
+                    return conversion.load_old_layout(
+                        pretrained_model_name_or_path,
+                        model_class=cls,
+                        sliding_window=kwargs.get("sliding_window"),
+                        dtype=kwargs.get("dtype", kwargs.get("torch_dtype")),
+                        **hub_kwargs,
+                    )
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds a config of model_type {model_type!r}, not a LongSpec draft "
+                    f"('{LongSpecDraftConfig.model_type}') nor the published LongSpec layout "
+                    f"({', '.join(conversion.OLD_LAYOUT_MODEL_TYPES)}). Pass the folder or repo of a LongSpec draft."
+                )
+        kwargs.pop("sliding_window", None)
+        wants_info = kwargs.pop("output_loading_info", False)
+        tolerate_mismatch = kwargs.setdefault("ignore_mismatched_sizes", False)
+        kwargs["ignore_mismatched_sizes"] = True  # report mismatches below, with their shapes
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or [])
+        mismatched = [] if tolerate_mismatch else list(info.get("mismatched_keys") or [])
+        if missing:
+            raise ValueError(
+                f"The checkpoint {pretrained_model_name_or_path} is incomplete: it lacks the draft weights "
+                f"{', '.join(missing)}. Re-download or re-save the draft."
+            )
+        if mismatched:
+            described = "; ".join(str(item) for item in mismatched)
+            raise ValueError(
+                f"The checkpoint {pretrained_model_name_or_path} has weights of the wrong shape for its config ({described}). "
+                "Fix config.json or use the checkpoint it belongs to."
+            )
         try:
-            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            generation_kwargs = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "revision", "token", "local_files_only", "subfolder")}
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **generation_kwargs)
         except OSError:
             pass
-        return model
+        return (model, info) if wants_info else model
+
+    @staticmethod
+    def _checkpoint_config_dict(pretrained_model_name_or_path, hub_kwargs) -> dict:
+        from transformers import PretrainedConfig
+
+        try:
+            config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError as error:
+            raise OSError(
+                f"Could not read config.json of {pretrained_model_name_or_path}: {error}. A LongSpec draft needs config.json "
+                "beside its weights; check the path or repo id (and the Hub cache when offline)."
+            ) from error
+        return config_dict
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        metrics: dict | None = None,
+        card_template: str | None = None,
+        base_model: str | None = None,
+        license: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload LongSpec draft",
+        revision: str | None = None,
+        create_pr: bool = False,
+        save_to: str | None = None,
+        **_unused,
+    ):
+        """Upload the draft (weights, config, generation config) and its model card to the Hub.
+
+        The card comes from `card_template`, else `hub_configs/<repo name>/README.md`, else a generic one,
+        with `{{ name }}` placeholders filled from `metrics` (e.g. `mean_accepted_length`, `speedup`).
+        With `save_to` the files are written to that folder and nothing is uploaded (a dry run); the
+        folder path is returned. Otherwise returns the commit info of the upload.
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        from . import conversion
+
+        def write(folder):
+            return conversion.write_hub_folder(
+                self, folder, repo_id, card_template=card_template, metrics=metrics, base_model=base_model, license=license
+            )
+
+        if save_to is not None:
+            return write(save_to)
+        api = HfApi(token=token if isinstance(token, str) else None)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as folder:
+            write(folder)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+                repo_type="model",
+            )
 
     # ----- target attachment -------------------------------------------------------------------------
     def attach_target(self, target: PreTrainedModel) -> None:
