@@ -328,11 +328,11 @@ def find_card_template(repo_id: str | None = None, base_model: str | None = None
     return GENERIC_CARD_TEMPLATE
 
 
-def results_table(metrics: Mapping[str, Any] | None) -> str:
-    """A Markdown table of measured numbers, or a note that none were measured yet."""
+def results_table(metrics: Mapping[str, Any] | None, header: bool = True) -> str:
+    """A Markdown table of measured numbers (rows only with `header=False`)."""
     if not metrics:
-        return "Not measured yet."
-    rows = ["| metric | value |", "|---|---|"]
+        return "Not measured yet." if header else ""
+    rows = ["| metric | value |", "|---|---|"] if header else []
     rows += [f"| {name} | {value} |" for name, value in metrics.items()]
     return "\n".join(rows)
 
@@ -353,7 +353,12 @@ def render_model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     values: dict[str, Any] = {"repo_id": repo_id, "repo_name": repo_id.split("/")[-1], "base_model": base_model or ""}
-    values["results_table"] = results_table(metrics)
+    used = set(_PLACEHOLDER.findall(template))
+    named_rows = any(name in used for name in (metrics or {}))
+    # Metrics without a placeholder of their own go to `{{ results_table }}` (as extra rows when the
+    # template has its own table).
+    rest = {k: v for k, v in (metrics or {}).items() if k not in used}
+    values["results_table"] = results_table(rest, header=not named_rows and "mean_accepted_length" not in used)
     values.update({k: v for k, v in (metrics or {}).items()})
     text = _PLACEHOLDER.sub(lambda m: str(values.get(m.group(1), "n/a")), template)
     card = ModelCard(text)
