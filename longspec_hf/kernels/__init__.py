@@ -56,7 +56,7 @@ def prefix_tree_attention(
     """Hybrid tree attention (see `reference.prefix_tree_attention` for the arguments and results)."""
     args = (query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale)
     module = _tree_attention_triton
-    reason = lambda: module.unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tree_mask)
+    reason = lambda: module.unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tree_mask, scale)
     if _use_triton(backend, module, reason, query.device):
         return module.prefix_tree_attention(*args)
     return reference.prefix_tree_attention(*args)

@@ -39,20 +39,23 @@ LN_2 = math.log(2.0)
 
 
 @triton.jit
-def _online_softmax_step(acc, row_max, row_sum, scores, value, MAY_HIDE_WHOLE_ROWS: tl.constexpr):
-    """Fold one block of base-2 scores `(BLOCK_M, BLOCK_N)` and its values `(BLOCK_N, BLOCK_D)` into the
-    running output `acc`, row maximum and row sum of `exp2(score - row_max)`."""
-    new_max = tl.maximum(row_max, tl.max(scores, 1))
+def _online_softmax_step(acc, row_max, row_sum, scores, value, qk_scale_log2,
+                         MAY_HIDE_WHOLE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold one block of raw scores `q @ k^T` `(BLOCK_M, BLOCK_N)` (-inf where hidden) and its values
+    `(BLOCK_N, BLOCK_D)` into the running output `acc`, the row maximum of the base-2 scores
+    `score * qk_scale_log2` and the row sum of `exp2(base-2 score - row_max)`."""
+    new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale_log2)
     if MAY_HIDE_WHOLE_ROWS:
         # A row that has seen no key yet has max -inf; shift by 0 instead so that exp2 gives 0, not NaN.
         new_max_ref = tl.where(new_max == float("-inf"), 0.0, new_max)
     else:
         new_max_ref = new_max
-    probs = tl.exp2(scores - new_max_ref[:, None])
+    # Scaling inside the exponent's argument makes it one fused multiply-add per score.
+    probs = tl.exp2(scores * qk_scale_log2 - new_max_ref[:, None])
     correction = tl.exp2(row_max - new_max_ref)
     row_sum = row_sum * correction + tl.sum(probs, 1)
     acc = acc * correction[:, None]
-    acc = tl.dot(probs.to(value.dtype), value, acc)
+    acc = tl.dot(probs.to(value.dtype), value, acc, input_precision=DOT_PRECISION)
     return acc, new_max, row_sum
 
 
@@ -135,8 +138,9 @@ def _prefix_tree_attention_kernel(
             else:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, scores, v, False)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale_log2,
+                                                         False, DOT_PRECISION)
             k_ptrs += BLOCK_N * stride_kps
             v_ptrs += BLOCK_N * stride_vps
         # The chunk's last, partial prefix block: keys past the prefix end are neither loaded nor seen.
@@ -148,9 +152,9 @@ def _prefix_tree_attention_kernel(
                         mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
             v = tl.load(v_base + slots[:, None] * stride_vps + dims[None, :] * stride_vpd,
                         mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-            scores = tl.where(key_valid[None, :], scores, float("-inf"))
-            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, scores, v, False)
+            scores = tl.where(key_valid[None, :], tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), float("-inf"))
+            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale_log2,
+                                                         False, DOT_PRECISION)
 
     if USE_TREE:
         kt_base = K_tree + batch64 * stride_ktb + kv_head64 * stride_kth
@@ -168,9 +172,9 @@ def _prefix_tree_attention_kernel(
             # The ancestor mask row of query t serves all G heads of the group (rows g * Tq + t).
             visible = tl.load(mask_base + query_index[:, None] * stride_mq + nodes[None, :] * stride_mt,
                               mask=row_valid[:, None] & node_valid[None, :], other=0)
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-            scores = tl.where(visible != 0, scores, float("-inf"))
-            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, scores, v, True)
+            scores = tl.where(visible != 0, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), float("-inf"))
+            acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale_log2,
+                                                         True, DOT_PRECISION)
 
     # A row that saw nothing has row_sum 0: output 0 and LSE -inf (log2(0) = -inf), as the reference.
     out = tl.where(row_sum[:, None] > 0, acc / row_sum[:, None], 0.0)
@@ -256,27 +260,37 @@ def _multiprocessor_count(device: torch.device) -> int:
 
 
 def default_config(num_rows: int, head_dim: int, element_size: int = 2) -> dict:
-    """Tile shape and launch parameters for `M = G * Tq` folded query rows of head dim `head_dim`.
+    """Tile shape and launch parameters for `M = G * Tq` folded query rows of head dim `head_dim`
+    (chosen from a sweep on an H100, see BENCHMARKS.md).
 
-    The K/V pipeline stages must fit in shared memory with the query tile: wide heads and fp32
-    inputs get shorter key blocks and fewer stages.
+    The K/V pipeline stages must fit in shared memory with the query tile, so the key block shrinks as
+    rows get wider. Narrow heads (64 x 16 bit) run two programs per multiprocessor, which pays for
+    re-reading K/V once per 64-row block; wider ones run one program of up to 128 rows.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tile_width = block_d * element_size // 2  # in bf16 columns
-    block_m = min(128 if tile_width <= 128 else 64, max(16, triton.next_power_of_2(num_rows)))
-    block_n = 64 if tile_width <= 128 else 32
+    row_bytes = block_d * element_size
+    rows_pow2 = max(16, triton.next_power_of_2(num_rows))
+    if row_bytes <= 128:
+        block_m, block_n, num_stages, programs_per_sm = min(64, rows_pow2), 128, 3, 2
+    elif row_bytes <= 256:
+        block_m, block_n, num_stages, programs_per_sm = min(128, rows_pow2), 64, 3, 1
+    else:
+        block_m, block_n, num_stages, programs_per_sm = min(64, rows_pow2), 32, 2, 1
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
         "num_warps": 8 if block_m >= 128 else 4,
-        "num_stages": 3 if tile_width <= 128 else 2,
+        "num_stages": num_stages,
+        "programs_per_sm": programs_per_sm,
     }
 
 
-def default_num_splits(num_programs_per_split: int, num_keys: int, block_n: int, device: torch.device) -> int:
-    """Enough splits to give every multiprocessor one program (one full wave, no straggling partial
-    wave), but no chunk shorter than four blocks: beyond that the merge costs more than it spreads."""
-    fill = max(1, _multiprocessor_count(device) // max(1, num_programs_per_split))
+def default_num_splits(num_programs_per_split: int, num_keys: int, block_n: int, device: torch.device,
+                       programs_per_sm: int = 1) -> int:
+    """Enough splits to fill every multiprocessor with `programs_per_sm` programs in one wave (no
+    straggling partial wave), but no chunk shorter than four blocks: beyond that the merge costs more
+    than it spreads."""
+    fill = max(1, _multiprocessor_count(device) * programs_per_sm // max(1, num_programs_per_split))
     return max(1, min(fill, triton.cdiv(num_keys, 4 * block_n)))
 
 
@@ -306,7 +320,8 @@ def _launch(
         # key_prefix may be a whole preallocated cache: its length bounds the chunk count from above,
         # the kernel divides each row's actual length.
         max_keys = (key_prefix.shape[2] if use_prefix else 0) + num_tree
-        num_splits = default_num_splits(batch * num_kv_heads * num_blocks_m, max_keys, block_n, device)
+        num_splits = default_num_splits(batch * num_kv_heads * num_blocks_m, max_keys, block_n, device,
+                                        cfg.get("programs_per_sm", 1))
 
     if use_prefix:
         prefix_start = prefix_start.to(device=device)
@@ -352,7 +367,7 @@ def _launch(
     return out, lse
 
 
-def unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tree_mask) -> str | None:
+def unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tree_mask, scale) -> str | None:
     """Why these inputs cannot go to the kernel, or None when they can."""
     tensors = (query, key_prefix, value_prefix, key_tree, value_tree)
     if query.dtype not in SUPPORTED_DTYPES:
@@ -365,6 +380,8 @@ def unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tr
         return "tensors on different devices"
     if query.device.type != "cuda" and not INTERPRETED:
         return "CPU tensors (the Triton kernels need CUDA, or TRITON_INTERPRET=1 at import)"
+    if not scale > 0:
+        return "scale must be positive"
     head_dim = query.shape[-1]
     if head_dim > MAX_HEAD_DIM or any(t.shape[-1] != head_dim for t in tensors):
         return f"head dim {head_dim} (at most {MAX_HEAD_DIM}, equal for all inputs)"
