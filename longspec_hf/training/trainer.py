@@ -379,7 +379,10 @@ class DraftTrainer:
             state_dict = draft.state_dict()
         if accelerator.is_main_process:
             dtype = getattr(torch, self.config.save_dtype)
+            trained_dtype = draft.config.dtype
+            draft.config.dtype = dtype  # config.json records the dtype of the saved weights
             draft.save_pretrained(self.config.output_dir, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
+            draft.config.dtype = trained_dtype
         accelerator.wait_for_everyone()
         return draft
 
