@@ -30,7 +30,7 @@ def main() -> None:
 
     stdlib = sysconfig.get_paths()["stdlib"]
     site_dirs = [d for d in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if os.path.isdir(d)]
-    train_dirs = sorted({d for d in site_dirs if not d.startswith(stdlib + os.sep) or "packages" in d})
+    train_dirs = sorted(set(site_dirs))
     held_out = sorted(glob.glob(os.path.join(stdlib, "*.py")))  # top level only: no site-packages below it
     output_dir = os.path.join(os.environ.get("OUT", "."), "longspec-smollm2-135m-instruct")
     config = TrainingConfig(
