@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.logits_process import LogitsProcessorList
 
 from ..modeling import LongSpecDraftModel, TargetKV
 from .tree import DraftTree, expand_level
@@ -60,7 +61,15 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         self.cache = draft.new_cache(batch_size, max_tree_nodes=sum(self.tree_widths))
 
     @torch.no_grad()
-    def propose_tree(self, tokens: torch.Tensor, seq_len: torch.Tensor, pad_start: torch.Tensor) -> DraftTree:
+    def propose_tree(
+        self,
+        tokens: torch.Tensor,
+        seq_len: torch.Tensor,
+        pad_start: torch.Tensor,
+        *,
+        draft_warpers: LogitsProcessorList | None = None,
+        sample_children: bool = False,
+    ) -> DraftTree:
         """Draft a tree rooted at each row's last token.
 
         Args:
@@ -68,6 +77,11 @@ class LongSpecCandidateGenerator(CandidateGenerator):
                 `[0, seq_len[b])`.
             seq_len: `(B,)` current length of each row; the root is token `seq_len[b] - 1`.
             pad_start: `(B,)` left-padding length of each row.
+            draft_warpers: sampling mode: scores-only warpers (temperature, top-k, ...) that turn the
+                draft's logits into its distribution q = softmax(warpers(logits)); q at every non-leaf
+                node is kept on the tree (`DraftTree.draft_log_probs`) for verification.
+            sample_children: draw each node's children without replacement from q (Gumbel-top-k)
+                instead of taking q's top tokens; the tree shape follows the same beam allocation.
 
         Returns:
             A [`DraftTree`] with `1 + sum(tree_widths)` nodes.
@@ -77,10 +91,14 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         root_tokens = tokens.gather(1, (seq_len - 1)[:, None])[:, 0]
         root_position = seq_len - 1 - pad_start
         tree = DraftTree.root_only(root_tokens)
-        log_probs = torch.log_softmax(root_logits.float(), dim=-1)[:, None]  # (B, 1, V)
+        log_probs = self._draft_log_probs(root_logits[:, None], draft_warpers)  # (B, 1, V)
         for level, width in enumerate(self.tree_widths, start=1):
             parents = tree.level_slice(level - 1)
-            new_tokens, parent_local, scores = expand_level(log_probs, tree.log_probs[:, parents], width)
+            if draft_warpers is not None or sample_children:
+                tree.draft_log_probs.append(log_probs)
+            new_tokens, parent_local, scores = expand_level(
+                log_probs, tree.log_probs[:, parents], width, sample_children=sample_children
+            )
             tree.add_level(new_tokens, parent_local + parents.start, scores)
             if level == len(self.tree_widths):
                 break
@@ -91,8 +109,19 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             logits = self.draft.query_tree_level(
                 new_tokens, positions, nodes.start - 1, visible, self.cache, target_kv
             )
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            log_probs = self._draft_log_probs(logits, draft_warpers)
         return tree
+
+    @staticmethod
+    def _draft_log_probs(logits: torch.Tensor, draft_warpers: LogitsProcessorList | None) -> torch.Tensor:
+        """`(B, n, V)` float32 log q from `(B, n, V)` draft logits; warpers applied when given."""
+        scores = logits.float()
+        if draft_warpers:
+            batch, count, vocab = scores.shape
+            # Scores-only warpers ignore input_ids; they get a placeholder of the right batch size.
+            placeholder = torch.zeros(batch * count, 1, dtype=torch.long, device=scores.device)
+            scores = draft_warpers(placeholder, scores.reshape(-1, vocab)).view(batch, count, vocab)
+        return torch.log_softmax(scores, dim=-1)
 
     def _consume_committed(
         self, tokens: torch.Tensor, seq_len: torch.Tensor, pad_start: torch.Tensor, target_kv: TargetKV

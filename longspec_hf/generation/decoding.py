@@ -6,7 +6,8 @@ Each round
 1. drafts a tree per row from the row's last token (the root),
 2. runs the target once over root + tree nodes (hybrid prefix/tree attention, K/V into scratch),
 3. processes the target's logits at every node as transformers would at that point of the sequence,
-4. accepts the deepest node whose path equals the target's choices, plus the target's bonus token,
+4. accepts the deepest node whose path equals the target's choices, plus the target's bonus token
+   (sampling: a lossless rule of `sampling.py` picks the path and draws the bonus token),
 5. compacts the accepted path's K/V into the committed cache of every layer,
 6. hands the new tokens to the output, which applies max length, EOS and stopping criteria per token.
 
@@ -29,7 +30,8 @@ from ..modeling import LongSpecDraftModel
 from .attention import LongSpecAttentionInputs, longspec_attention
 from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator
-from .processing import tree_scores
+from .processing import SCORES_ONLY_PROCESSORS, tree_scores
+from .sampling import resolve_sampling_rule
 from .tree import accept_greedy
 
 
@@ -189,8 +191,13 @@ def longspec_decode(
     streamer=None,
     attention_mask: torch.Tensor | None = None,
     stats: LongSpecStats | None = None,
+    sampling_rule: str | None = None,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
-    """Greedy LongSpec tree decoding; returns what `target.generate` returns for the same arguments."""
+    """LongSpec tree decoding; returns what `target.generate` returns for the same arguments.
+
+    Greedy (`do_sample=False`) gives the same tokens; sampling draws from the same distribution, with
+    `sampling_rule` (see `sampling.py`) verifying the trees.
+    """
     batch_size, prompt_len = input_ids.shape
     device = input_ids.device
     max_new_tokens = generation_config.max_length - prompt_len
@@ -216,6 +223,14 @@ def longspec_decode(
         keep_logits=return_dict and generation_config.output_logits,
         streamer=streamer,
         pad_token_id=pad_token_id,
+    )
+    do_sample = bool(generation_config.do_sample)
+    rule = resolve_sampling_rule(sampling_rule) if do_sample else None
+    # The draft's q: its softmax after the target's scores-only warpers (temperature, top-k, ...).
+    draft_warpers = (
+        LogitsProcessorList([p for p in logits_processor if isinstance(p, SCORES_ONLY_PROCESSORS)])
+        if do_sample
+        else None
     )
     if max_new_tokens <= 0:
         return _finish(output, input_ids, pad_token_id, return_dict, streamer)
@@ -252,7 +267,10 @@ def longspec_decode(
             longspec=LongSpecAttentionInputs(cache),
         ).logits[:, -1:].float()
         scores = logits_processor(input_ids, logits[:, 0].clone())[:, None]
-        first = scores.argmax(dim=-1)
+        if do_sample:
+            first = torch.multinomial(torch.softmax(scores[:, 0], dim=-1), 1)
+        else:
+            first = scores.argmax(dim=-1)
         tokens[:, prompt_len] = first[:, 0]
         ones = torch.ones(batch_size, dtype=torch.long, device=device)
         output.add(first, ones, tokens, seq_len, scores, logits)
@@ -260,7 +278,12 @@ def longspec_decode(
 
         drafter = LongSpecCandidateGenerator(draft, target, tree_widths, batch_size, cache.target_kv)
         while not output.all_done:
-            tree = drafter.propose_tree(tokens, seq_len, pad_start)
+            if do_sample:
+                tree = drafter.propose_tree(
+                    tokens, seq_len, pad_start, draft_warpers=draft_warpers, sample_children=rule.sample_children
+                )
+            else:
+                tree = drafter.propose_tree(tokens, seq_len, pad_start)
             positions = (seq_len - 1 - pad_start)[:, None] + tree.depths[None, :]
             cache.begin_tree(tree.num_nodes)
             logits = target(
@@ -272,7 +295,10 @@ def longspec_decode(
                 longspec=LongSpecAttentionInputs(cache, tree_mask=tree.ancestors),
             ).logits
             scores = tree_scores(logits, logits_processor, tokens, seq_len, tree)
-            acceptance = accept_greedy(tree, scores.argmax(dim=-1))
+            if do_sample:
+                acceptance = rule.verify(tree, scores)
+            else:
+                acceptance = accept_greedy(tree, scores.argmax(dim=-1))
 
             active = torch.tensor([not d for d in output.done], device=device)
             gained = torch.where(active, acceptance.num_accepted + 1, 0)

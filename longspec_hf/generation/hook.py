@@ -4,7 +4,7 @@ Two class-level wrappers on `GenerationMixin`, installed once by `install()`:
 
 - `generate`: when the assistant is a [`LongSpecDraftModel`], checks the target, the draft and the
   generation arguments before any forward pass and takes the LongSpec-only keywords (`tree_widths`,
-  `longspec_stats`); then transformers' own `generate` prepares the generation config, logits
+  `longspec_stats`, `sampling_rule`); then transformers' own `generate` prepares the generation config, logits
   processors and stopping criteria as usual.
 - `_assisted_decoding`: where transformers would run its assisted loop, runs `longspec_decode` instead
   for a LongSpec draft.
@@ -25,8 +25,11 @@ from transformers.generation.utils import GenerationMixin
 
 from ..modeling import LongSpecDraftModel, check_supported_target
 from .decoding import LongSpecStats, longspec_decode
+from .sampling import resolve_sampling_rule
 
 DEFAULT_TREE_WIDTHS = (4, 16, 16, 16, 16)
+# generate() keywords that only mean something with a LongSpec draft.
+LONGSPEC_KEYWORDS = ("tree_widths", "longspec_stats", "sampling_rule")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class LongSpecRequest:
 
     tree_widths: list[int]
     stats: LongSpecStats | None
+    sampling_rule: str | None = None
 
 
 # Carries the request of the `generate` call being run from the `generate` wrapper to the decoding
@@ -121,11 +125,6 @@ def _check_generation_arguments(target: PreTrainedModel, generation_config, kwar
             "num_return_sequences > 1 cannot be combined with a LongSpec draft. Repeat the prompt in the batch "
             "instead, or drop assistant_model."
         )
-    if setting("do_sample", False):
-        raise ValueError(
-            "do_sample=True is not supported with a LongSpec draft yet: use greedy decoding (do_sample=False) "
-            "or drop assistant_model."
-        )
     for name in ("output_attentions", "output_hidden_states"):
         if setting(name, False):
             raise ValueError(f"{name}=True is not supported with a LongSpec draft.")
@@ -147,16 +146,18 @@ def generate(self: PreTrainedModel, *args, **kwargs):
     bound = _generate_signature.bind_partial(self, *args, **kwargs)
     draft = bound.arguments.get("assistant_model")
     if not isinstance(draft, LongSpecDraftModel):
-        for name in ("tree_widths", "longspec_stats"):
+        for name in LONGSPEC_KEYWORDS:
             if name in kwargs:
                 raise ValueError(f"{name} is only accepted together with a LongSpec assistant_model.")
         return _original_generate(self, *args, **kwargs)
     tree_widths = kwargs.pop("tree_widths", None)
     stats = kwargs.pop("longspec_stats", None)
+    sampling_rule = kwargs.pop("sampling_rule", None)
+    resolve_sampling_rule(sampling_rule)  # fail before any forward pass on an unknown name
     generation_config = bound.arguments.get("generation_config")
     check_draft_matches_target(self, draft)
     _check_generation_arguments(self, generation_config, kwargs)
-    request = LongSpecRequest(_resolve_tree_widths(self, draft, tree_widths, generation_config), stats)
+    request = LongSpecRequest(_resolve_tree_widths(self, draft, tree_widths, generation_config), stats, sampling_rule)
     token = _current_request.set(request)
     try:
         return _original_generate(self, *args, **kwargs)
@@ -183,6 +184,7 @@ def _assisted_decoding(self: PreTrainedModel, input_ids, *args, **kwargs):
         streamer=kwargs.get("streamer"),
         attention_mask=kwargs.get("attention_mask"),
         stats=request.stats,
+        sampling_rule=request.sampling_rule,
     )
 
 

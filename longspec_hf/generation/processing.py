@@ -2,8 +2,8 @@
 
 transformers applies its logits processors to `(input_ids, scores)` where `input_ids` is the sequence so
 far. At a tree node that sequence is the committed row plus the node's own path, so path-dependent
-processors (repetition penalty, min length, no-repeat n-grams, user processors, ...) run once per row and
-depth with those paths; processors that look at the scores alone run once over all nodes.
+processors (repetition penalty, min length, no-repeat n-grams, user processors, ...) run once per
+committed length and depth with those paths; processors that look at the scores alone run once over all nodes.
 """
 
 from __future__ import annotations
@@ -66,13 +66,18 @@ def tree_scores(
         flat = processors(tokens[:, :1].repeat_interleave(num_nodes, dim=0), scores.reshape(-1, vocab))
         return flat.view(batch, num_nodes, vocab)
     out = torch.empty_like(scores)
-    for row in range(batch):
-        committed = tokens[row, : int(seq_len[row])]
+    # One processor call per (committed length, depth): rows of equal length share the call, so a large
+    # batch of sampled rows does not pay one Python call per row.
+    for length in seq_len.unique().tolist():
+        rows = (seq_len == length).nonzero()[:, 0]
+        committed = tokens[rows, :length]  # (R, length)
         for depth in range(tree.max_depth + 1):
             nodes = tree.level_slice(depth)
             count = nodes.stop - nodes.start
-            input_ids = committed.expand(count, -1)
+            input_ids = committed[:, None, :].expand(-1, count, -1)
             if depth > 0:
-                input_ids = torch.cat([input_ids, node_paths(tree, nodes, depth)[row]], dim=1)
-            out[row, nodes] = processors(input_ids, scores[row, nodes].clone())
+                input_ids = torch.cat([input_ids, node_paths(tree, nodes, depth)[rows]], dim=2)
+            node_scores = scores[rows, nodes].reshape(len(rows) * count, vocab)
+            processed = processors(input_ids.reshape(len(rows) * count, -1), node_scores.clone())
+            out[rows, nodes] = processed.view(len(rows), count, vocab)
     return out

@@ -1,4 +1,4 @@
-"""Draft trees: beam-style expansion, ancestor masks and greedy acceptance.
+"""Draft trees: beam-style expansion (top-k or sampled children), ancestor masks and greedy acceptance.
 
 Node numbering is shared by the draft and the target: node 0 is the root (the last committed token),
 nodes `1..N` follow level by level. Every row of a batch has the same number of nodes per level, so
@@ -24,6 +24,9 @@ class DraftTree:
         ancestors: `(B, 1 + N, 1 + N)` boolean; `ancestors[b, i, j]` iff node `j` is on the path to `i`
             (a node is its own ancestor). This is the tree attention mask.
         level_sizes: number of nodes in each level, root excluded.
+        draft_log_probs: in sampling mode, entry `L` is the `(B, level_sizes[L - 1], V)` (root: `(B, 1, V)`)
+            draft log-distribution q at the nodes of level `L`, for `L < max_depth`: the distribution their
+            children were drafted from. Empty in greedy mode.
     """
 
     tokens: torch.Tensor
@@ -32,6 +35,7 @@ class DraftTree:
     log_probs: torch.Tensor
     ancestors: torch.Tensor
     level_sizes: list[int] = field(default_factory=list)
+    draft_log_probs: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def num_nodes(self) -> int:
@@ -80,13 +84,22 @@ class DraftTree:
         return slice(start, start + size)
 
 
-def expand_level(log_probs: torch.Tensor, parent_scores: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
-    """Pick the `width` best (parent, token) pairs by cumulative log-probability.
+def expand_level(
+    log_probs: torch.Tensor, parent_scores: torch.Tensor, width: int, sample_children: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Pick `width` (parent, token) children of `n` parent nodes.
+
+    Greedy mode keeps the `width` best pairs by cumulative log-probability (a beam step). Sampling mode
+    gives every parent the same NUMBER of children as the beam step would (that number depends only on
+    the parents' scores and the shape of q, never on which tokens are drawn), and draws that many
+    children per parent without replacement from q by Gumbel-top-k. Children of one parent then come
+    out in draw order, parents in order, which is what recursive rejection sampling needs.
 
     Args:
-        log_probs: `(B, n, V)` draft log-probabilities of the children of `n` parent nodes.
+        log_probs: `(B, n, V)` draft log-probabilities q of the children of `n` parent nodes.
         parent_scores: `(B, n)` cumulative log-probabilities of the parents.
         width: how many children to keep in total.
+        sample_children: draw the children from q instead of taking its top tokens.
 
     Returns:
         `(tokens, parent_local, scores)`, each `(B, width)`; `parent_local` indexes the `n` parents.
@@ -98,13 +111,30 @@ def expand_level(log_probs: torch.Tensor, parent_scores: torch.Tensor, width: in
     child_scores, child_tokens = log_probs.topk(per_parent, dim=-1)
     pair_scores = (parent_scores[..., None] + child_scores).reshape(batch, -1)
     scores, pair = pair_scores.topk(width, dim=-1)
-    tokens = child_tokens.reshape(batch, -1).gather(1, pair)
-    return tokens, pair // per_parent, scores
+    if not sample_children:
+        tokens = child_tokens.reshape(batch, -1).gather(1, pair)
+        return tokens, pair // per_parent, scores
+    # How many children each parent gets; take ranks 0..count-1 of each parent (a prefix even when tied
+    # scores made the beam step pick a later rank), ordered parent-major.
+    counts = torch.zeros(batch, num_parents, dtype=torch.long, device=log_probs.device)
+    counts.scatter_add_(1, pair // per_parent, torch.ones_like(pair))
+    ranks = torch.arange(per_parent, device=log_probs.device)
+    keep = (ranks[None, None, :] < counts[..., None]).reshape(batch, -1)
+    flat = torch.arange(num_parents * per_parent, device=log_probs.device).expand(batch, -1)
+    order = torch.where(keep, flat, num_parents * per_parent).sort(dim=-1).values[:, :width]
+    # Gumbel-top-k: the top `per_parent` of log q + Gumbel noise are draws without replacement, in order.
+    # Clamping the exponential keeps the noise finite (log 0 would give inf - inf = nan at q = 0).
+    exponential = torch.empty_like(log_probs).exponential_().clamp_(min=torch.finfo(log_probs.dtype).tiny)
+    drawn = (log_probs - exponential.log()).topk(per_parent, dim=-1).indices
+    tokens = drawn.reshape(batch, -1).gather(1, order)
+    parent_local = order // per_parent
+    token_log_probs = log_probs.reshape(batch, -1).gather(1, parent_local * vocab + tokens)
+    return tokens, parent_local, parent_scores.gather(1, parent_local) + token_log_probs
 
 
 @dataclass
 class GreedyAcceptance:
-    """Result of greedy verification.
+    """Result of verifying a tree (greedy or sampling): the form the decoding loop compacts and outputs.
 
     Attributes:
         path: `(B, 1 + max_depth)` node indices from the root to the deepest accepted node, padded by
@@ -135,6 +165,22 @@ def accept_greedy(tree: DraftTree, target_choice: torch.Tensor) -> GreedyAccepta
         accepted[:, nodes] = accepted.gather(1, parents) & matches
     depth_if_accepted = torch.where(accepted, tree.depths[None, :], -1)
     num_accepted, deepest = depth_if_accepted.max(dim=1)
+    bonus = target_choice.gather(1, deepest[:, None])[:, 0]
+    return acceptance_from_deepest(tree, deepest, num_accepted, bonus)
+
+
+def acceptance_from_deepest(
+    tree: DraftTree, deepest: torch.Tensor, num_accepted: torch.Tensor, bonus: torch.Tensor
+) -> GreedyAcceptance:
+    """Express an accepted path as a [`GreedyAcceptance`].
+
+    Args:
+        tree: the verified tree.
+        deepest: `(B,)` the deepest accepted node (0 when no draft node was accepted).
+        num_accepted: `(B,)` its depth.
+        bonus: `(B,)` the target's token after `deepest`.
+    """
+    batch = deepest.shape[0]
     # Walk up from the deepest accepted node; positions past its depth repeat it.
     path = torch.empty(batch, tree.max_depth + 1, dtype=torch.long, device=tree.tokens.device)
     node = deepest
@@ -142,7 +188,7 @@ def accept_greedy(tree: DraftTree, target_choice: torch.Tensor) -> GreedyAccepta
         path[:, depth] = torch.where(num_accepted >= depth, node, deepest)
         node = torch.where(num_accepted >= depth, tree.parents.gather(1, node[:, None])[:, 0], node)
     path_tokens = tree.tokens.gather(1, path)
-    bonus = target_choice.gather(1, deepest[:, None])
+    bonus = bonus[:, None].to(path_tokens.dtype)
     steps = torch.arange(tree.max_depth + 1, device=path.device)[None, :]
     # new token j is the node at depth j + 1 for j < num_accepted, then the bonus token.
     shifted = torch.cat([path_tokens[:, 1:], bonus], dim=1)
