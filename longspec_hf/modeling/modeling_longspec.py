@@ -245,6 +245,11 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         if not isinstance(config, LongSpecDraftConfig):
             config_dict = cls._checkpoint_config_dict(pretrained_model_name_or_path, hub_kwargs)
             model_type = config_dict.get("model_type")
+            if model_type is None:
+                raise OSError(
+                    f"{pretrained_model_name_or_path} has no usable config.json (missing, or without a model_type). "
+                    "A LongSpec draft needs config.json (a LongSpecDraftConfig) beside its weights; re-download or re-save it."
+                )
             if model_type != LongSpecDraftConfig.model_type:
                 if conversion.is_old_layout(config_dict):
                     return conversion.load_old_layout(
