@@ -264,15 +264,16 @@ def default_config(num_rows: int, head_dim: int, element_size: int = 2) -> dict:
     (chosen from a sweep on an H100, see BENCHMARKS.md).
 
     The K/V pipeline stages must fit in shared memory with the query tile, so the key block shrinks as
-    rows get wider. Narrow heads (64 x 16 bit) run two programs per multiprocessor, which pays for
-    re-reading K/V once per 64-row block; wider ones run one program of up to 128 rows.
+    rows get wider. Narrow heads (64 x 16 bit) with many rows are compute-bound: 64-row blocks, long key
+    blocks and twice as many splits as multiprocessors pay for re-reading K/V once per row block. With
+    few rows (one block) the kernel is bound by reading K/V and one wave of shorter blocks is faster.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     row_bytes = block_d * element_size
     rows_pow2 = max(16, triton.next_power_of_2(num_rows))
-    if row_bytes <= 128:
-        block_m, block_n, num_stages, programs_per_sm = min(64, rows_pow2), 128, 3, 2
-    elif row_bytes <= 256:
+    if row_bytes <= 128 and num_rows > 64:
+        block_m, block_n, num_stages, programs_per_sm = 64, 128, 3, 2
+    elif row_bytes <= 256:  # also narrow heads with few rows
         block_m, block_n, num_stages, programs_per_sm = min(128, rows_pow2), 64, 3, 1
     else:
         block_m, block_n, num_stages, programs_per_sm = min(64, rows_pow2), 32, 2, 1
