@@ -21,8 +21,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
-from longspec_hf.kernels import reference, testing, tree_attention
+from longspec_hf.kernels import testing, tree_attention
 
 LAYOUTS = {  # query heads, KV heads, head dim
     "Llama-3-8B": (32, 8, 128),
@@ -217,7 +218,7 @@ def main():
     bandwidth = copy_bandwidth_gbs()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth:.0f} GB/s (read + write)", flush=True)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  triton=__import__("triton").__version__, copy_bandwidth_gbs=bandwidth, rows=[])
+                  triton=triton.__version__, copy_bandwidth_gbs=bandwidth, rows=[])
     if args.sweep:
         result["sweep"] = sweep(bandwidth)
     for layout in args.layouts.split(","):

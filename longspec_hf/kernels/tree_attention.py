@@ -35,7 +35,6 @@ from .reference import merge_attention
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 LOG2_E = math.log2(math.e)
-LN_2 = math.log(2.0)
 
 
 @triton.jit
@@ -184,7 +183,7 @@ def _prefix_tree_attention_kernel(
                     + query_index[:, None] * stride_ot + dims[None, :] * stride_od)
         tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
         lse_ptrs = Lse + batch64 * stride_lb + query_head.to(tl.int64) * stride_lh + query_index * stride_lt
-        tl.store(lse_ptrs, lse_log2 * 0.6931471805599453, mask=row_valid)
+        tl.store(lse_ptrs, lse_log2 * 0.6931471805599453, mask=row_valid)  # to base e: * ln(2)
     else:
         # Partial buffers are contiguous (B, Hkv, num_splits, M[, D]).
         partial_row = (batch_head.to(tl.int64) * num_splits + split) * num_rows + rows
@@ -232,7 +231,7 @@ def _merge_splits_kernel(
         weight_sum += weight
 
     out = tl.where(weight_sum[:, None] > 0, acc / weight_sum[:, None], 0.0)
-    lse = (lse_ref + tl.log2(weight_sum)) * 0.6931471805599453
+    lse = (lse_ref + tl.log2(weight_sum)) * 0.6931471805599453  # to base e: * ln(2)
     query_head = kv_head * GROUP + rows // num_queries
     query_index = rows % num_queries
     out_ptrs = (Out + batch.to(tl.int64) * stride_ob + query_head[:, None].to(tl.int64) * stride_oh
