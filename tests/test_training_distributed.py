@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import torch
 from accelerate import debug_launcher
@@ -34,8 +36,17 @@ def _train_on_two_processes(output_dir: str) -> None:
 
 
 def test_two_process_gloo_training(tmp_path):
-    debug_launcher(_train_on_two_processes, args=(str(tmp_path),), num_processes=2)
+    # Launch from a fresh interpreter: forking this pytest process, whose earlier tests started thread
+    # pools and a single-process accelerate state, can deadlock the children.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(
+        [sys.executable, "-m", "tests.test_training_distributed", str(tmp_path)], cwd=root, check=True, timeout=180
+    )
     assert torch.equal(torch.load(tmp_path / "params_rank0.pt"), torch.load(tmp_path / "params_rank1.pt"))
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "checkpoint-2" / "optimizer.pt").exists()
     with open(tmp_path / "train_log.jsonl") as handle:
         assert sum("eval_acceptance" in line for line in handle) == 3  # steps 0, 2 and 4
+
+
+if __name__ == "__main__":
+    debug_launcher(_train_on_two_processes, args=(sys.argv[1],), num_processes=2)
