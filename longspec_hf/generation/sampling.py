@@ -18,11 +18,12 @@ probability p given the tokens before it, whatever the draft proposed. Two rules
   the bonus token from r.
 
 Which is better depends on the draft. Point-mass accepts child c with p(c), so a node accepts with
-p(children): best when the target is sharp and the draft's top tokens cover its mass. Recursive
-rejection accepts with at least 1 - TV(p, q) at the first child, and keeps going on the residual:
-best when the draft is close to the target. The default is the one that accepted more tokens per round
-in our measurements (`DEFAULT_SAMPLING_RULE`; see `tests/test_sampling.py` and the module docstring of
-the measurement in the report).
+p(children): good only when the target is sharp and the draft's top tokens cover its mass. Recursive
+rejection accepts with at least 1 - TV(p, q) at the first child and keeps going on the residual, so
+it profits from a draft close to the target, which is what a trained LongSpec draft is. It is the
+default (`DEFAULT_SAMPLING_RULE`): on a tiny agreeing pair (vocab 256, the construction of
+tests/test_acceptance.py, 8 prompts x 64 new tokens, widths [4, 16, 16, 16, 16]) it gained 2.84
+tokens per round against 1.09 for point-mass at temperature 1.0, and 2.43 against 1.23 at 0.7.
 
 All randomness comes from torch's global generator (`torch.rand`, `torch.multinomial`,
 `Tensor.exponential_`), so `torch.manual_seed` fixes the output.
