@@ -41,3 +41,13 @@ def test_chain_and_tree_gain_at_most_depth_plus_one_per_round():
         stats = LongSpecStats()
         target.generate(ids, assistant_model=draft, max_new_tokens=40, do_sample=False, tree_widths=widths, longspec_stats=stats)
         assert all(1 <= n <= len(widths) + 1 for n in stats.accepted_lengths)
+
+
+def test_no_tree_is_plain_decoding_through_the_longspec_cache():
+    target = make_target()
+    draft = make_draft(target)
+    ids = torch.randint(3, 96, (2, 10))
+    stats = LongSpecStats()
+    output = target.generate(ids, assistant_model=draft, max_new_tokens=15, do_sample=False, tree_widths=[], longspec_stats=stats)
+    assert torch.equal(output, target.generate(ids, max_new_tokens=15, do_sample=False))
+    assert stats.accepted_lengths == [1] * (2 * 14)

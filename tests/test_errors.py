@@ -62,7 +62,7 @@ def test_unsupported_architecture_names_the_supported_ones():
         (dict(num_return_sequences=2, do_sample=False), "num_return_sequences"),
         (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
         (dict(tree_widths=[0, 2]), "tree_widths"),
-        (dict(tree_widths=[]), "tree_widths"),
+        (dict(tree_widths=3), "tree_widths"),
     ],
 )
 def test_unsupported_generation_arguments(counted, kwargs, message):

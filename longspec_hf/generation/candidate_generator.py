@@ -51,8 +51,8 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         target_kv: Callable[[], TargetKV],
         max_length: int | None = None,
     ):
-        if not tree_widths or any(int(w) < 1 for w in tree_widths):
-            raise ValueError(f"tree_widths must be a non-empty list of positive integers, got {list(tree_widths)}")
+        if any(int(w) < 1 for w in tree_widths):
+            raise ValueError(f"tree_widths must be a list of positive integers, got {list(tree_widths)}")
         self.draft = draft
         self.tree_widths = [int(w) for w in tree_widths]
         self.target_kv = target_kv
@@ -84,8 +84,11 @@ class LongSpecCandidateGenerator(CandidateGenerator):
                 instead of taking q's top tokens; the tree shape follows the same beam allocation.
 
         Returns:
-            A [`DraftTree`] with `1 + sum(tree_widths)` nodes.
+            A [`DraftTree`] with `1 + sum(tree_widths)` nodes; with no levels, just the roots (the draft
+            does not run: verification then is plain one-token decoding through LongSpec's cache).
         """
+        if not self.tree_widths:
+            return DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
         target_kv = self.target_kv()
         root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv)
         root_tokens = tokens.gather(1, (seq_len - 1)[:, None])[:, 0]

@@ -104,8 +104,9 @@ def _resolve_tree_widths(
         DEFAULT_TREE_WIDTHS,
     )
     widths = next(c for c in candidates if c is not None)
-    if isinstance(widths, int) or not widths or any(int(w) < 1 or int(w) != w for w in widths):
-        raise ValueError(f"tree_widths must be a non-empty list of positive integers, got {widths!r}")
+    # An empty list is allowed: no drafting, one token per target forward (a baseline for benchmarks).
+    if isinstance(widths, int) or any(int(w) < 1 or int(w) != w for w in widths):
+        raise ValueError(f"tree_widths must be a list of positive integers, got {widths!r}")
     return [int(w) for w in widths]
 
 
