@@ -17,6 +17,7 @@ import torch
 from scipy.stats import chisquare
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
+from longspec_hf import LongSpecStats
 from longspec_hf.generation import sampling
 from longspec_hf.generation.sampling import SamplingRule
 from longspec_hf.generation.tree import DraftTree, GreedyAcceptance, acceptance_from_deepest
@@ -71,13 +72,13 @@ def pair():
     return make_pair()
 
 
-def exact_distribution(target, kwargs: dict) -> torch.Tensor:
+def exact_distribution(target, kwargs: dict, prompt: torch.Tensor = PROMPT) -> torch.Tensor:
     """`(V,) * NEW_TOKENS` probabilities of the first generated tokens, by enumerating every prefix."""
     joint = torch.ones(())
     for step in range(NEW_TOKENS):
         continuations = torch.tensor(list(itertools.product(range(VOCAB), repeat=step)), dtype=torch.long)
         continuations = continuations.reshape(VOCAB**step, step)
-        prefixes = torch.cat([PROMPT.expand(VOCAB**step, -1), continuations], dim=1)
+        prefixes = torch.cat([prompt.expand(VOCAB**step, -1), continuations], dim=1)
         # An explicit mask: token 0 is also the pad id, which generate would otherwise mask out.
         out = target.generate(
             prefixes, attention_mask=torch.ones_like(prefixes), max_new_tokens=1, return_dict_in_generate=True, output_scores=True, **kwargs
@@ -87,15 +88,17 @@ def exact_distribution(target, kwargs: dict) -> torch.Tensor:
     return joint / joint.sum()
 
 
-def sampled_distribution(target, draft, kwargs: dict, rule: str) -> torch.Tensor:
+def sampled_distribution(
+    target, draft, kwargs: dict, rule: str, prompt: torch.Tensor = PROMPT, **longspec_kwargs
+) -> torch.Tensor:
     counts = torch.zeros(VOCAB**NEW_TOKENS, dtype=torch.float64)
-    prompts = PROMPT.expand(ROWS_PER_CALL, -1)
+    prompts = prompt.expand(ROWS_PER_CALL, -1)
     for _ in range(CALLS):
         out = target.generate(
             prompts, attention_mask=torch.ones_like(prompts), assistant_model=draft, tree_widths=TREE_WIDTHS, sampling_rule=rule,
-            max_new_tokens=NEW_TOKENS, **kwargs,
+            max_new_tokens=NEW_TOKENS, **kwargs, **longspec_kwargs,
         )
-        new = out[:, PROMPT.shape[1] :]
+        new = out[:, prompt.shape[1] :]
         index = sum(new[:, i] * VOCAB ** (NEW_TOKENS - 1 - i) for i in range(NEW_TOKENS))
         counts += torch.bincount(index, minlength=VOCAB**NEW_TOKENS).double()
     return counts
@@ -146,6 +149,27 @@ def test_sampled_tokens_follow_the_target_distribution(pair, case, rule):
     torch.manual_seed(0)
     result = compare(exact, sampled_distribution(target, draft, kwargs, rule))
     assert matches(result), result
+
+
+# A repetitive prompt: its suffix "7 5 9" occurred before, so prompt-lookup chains are found in every
+# round (the draws continue it in many different ways, so rows find different numbers of chains).
+REPEATING_PROMPT = torch.tensor([[5, 9, 14, 7, 5, 9, 14, 7, 5, 9, 3, 7, 5, 9]])
+
+
+@pytest.mark.parametrize("case", ["temperature", "repetition_penalty"])
+@pytest.mark.parametrize("rule", ["point_mass", "recursive_rejection"])
+def test_sampling_with_prompt_lookup_chains_follows_the_target_distribution(pair, case, rule):
+    target, draft = pair
+    kwargs = generation_kwargs(case)
+    exact = exact_distribution(target, kwargs, REPEATING_PROMPT)
+    torch.manual_seed(0)
+    stats = LongSpecStats()
+    counts = sampled_distribution(
+        target, draft, kwargs, rule, REPEATING_PROMPT, prompt_lookup_branches=3, longspec_stats=stats
+    )
+    result = compare(exact, counts)
+    assert matches(result), result
+    assert stats.mean_retrieval_accepted > 0.02, stats.mean_retrieval_accepted  # the chains were exercised
 
 
 def verify_naive_top_k(tree: DraftTree, scores: torch.Tensor) -> GreedyAcceptance:

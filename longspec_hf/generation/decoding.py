@@ -3,7 +3,8 @@
 Read top to bottom: `longspec_decode` prefills the target, then runs rounds until every row is done.
 Each round
 
-1. drafts a tree per row from the row's last token (the root),
+1. drafts a tree per row from the row's last token (the root), and with prompt lookup on hangs the
+   row's n-gram continuations under the root as extra chains (`retrieval.py`),
 2. runs the target once over root + tree nodes (hybrid prefix/tree attention, K/V into scratch),
 3. processes the target's logits at every node as transformers would at that point of the sequence,
 4. accepts the deepest node whose path equals the target's choices, plus the target's bonus token
@@ -27,12 +28,14 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..modeling import LongSpecDraftModel
+from .adaptive import AdaptiveDrafting
 from .attention import LongSpecAttentionInputs, longspec_attention
 from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator
 from .processing import SCORES_ONLY_PROCESSORS, tree_scores
+from .retrieval import branch_length, find_continuations
 from .sampling import resolve_sampling_rule
-from .tree import accept_greedy
+from .tree import DraftTree, accept_greedy
 
 
 @dataclass
@@ -42,19 +45,32 @@ class LongSpecStats:
     Attributes:
         rounds: draft-and-verify rounds (target forwards after the prefill).
         accepted_lengths: tokens each active row gained in each round (accepted draft tokens + 1).
+        retrieval_accepted: for the same rows and rounds, how many of the accepted tokens came from
+            prompt-lookup chains (0 when prompt lookup is off).
+        drafted_rounds: rounds in which the draft ran (all rounds with a draft, unless `adaptive`
+            paused it).
     """
 
     rounds: int = 0
     accepted_lengths: list[int] = field(default_factory=list)
+    retrieval_accepted: list[int] = field(default_factory=list)
+    drafted_rounds: int = 0
 
     @property
     def mean_accepted_length(self) -> float:
         """Mean tokens gained per row per round (tau); 0.0 when no round ran."""
         return sum(self.accepted_lengths) / len(self.accepted_lengths) if self.accepted_lengths else 0.0
 
+    @property
+    def mean_retrieval_accepted(self) -> float:
+        """Mean tokens per row per round accepted from prompt-lookup chains."""
+        return sum(self.retrieval_accepted) / len(self.retrieval_accepted) if self.retrieval_accepted else 0.0
+
     def reset(self) -> None:
         self.rounds = 0
+        self.drafted_rounds = 0
         self.accepted_lengths.clear()
+        self.retrieval_accepted.clear()
 
 
 def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -192,11 +208,18 @@ def longspec_decode(
     attention_mask: torch.Tensor | None = None,
     stats: LongSpecStats | None = None,
     sampling_rule: str | None = None,
+    prompt_lookup_branches: int = 0,
+    adaptive: bool = False,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """LongSpec tree decoding; returns what `target.generate` returns for the same arguments.
 
     Greedy (`do_sample=False`) gives the same tokens; sampling draws from the same distribution, with
     `sampling_rule` (see `sampling.py`) verifying the trees.
+
+    `prompt_lookup_branches=K` adds K chains of `branch_length(len(tree_widths))` tokens continuing the
+    row's suffix where it occurred before (`retrieval.py`): the tree then has at most
+    `1 + sum(tree_widths) + K * branch_length` nodes, dummies included, in every round. `adaptive` pauses
+    the draft while it does not pay (`adaptive.py`).
     """
     batch_size, prompt_len = input_ids.shape
     device = input_ids.device
@@ -235,10 +258,12 @@ def longspec_decode(
     if max_new_tokens <= 0:
         return _finish(output, input_ids, pad_token_id, return_dict, streamer)
 
-    num_tree_nodes = 1 + sum(tree_widths)
+    chain_length = branch_length(len(tree_widths)) if prompt_lookup_branches > 0 else 0
+    num_tree_nodes = 1 + sum(tree_widths) + prompt_lookup_branches * chain_length
+    max_depth = max(len(tree_widths), chain_length)
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     # Finished rows keep riding along in the batch: leave room for one more path past the last token.
-    capacity = prompt_len + max_new_tokens + 2 * (len(tree_widths) + 1)
+    capacity = prompt_len + max_new_tokens + 2 * (max_depth + 1)
     cache = LongSpecCache(
         num_layers=text_config.num_hidden_layers,
         batch_size=batch_size,
@@ -277,13 +302,22 @@ def longspec_decode(
         seq_len += 1
 
         drafter = LongSpecCandidateGenerator(draft, target, tree_widths, batch_size, cache.target_kv)
+        policy = AdaptiveDrafting() if adaptive and tree_widths else None
         while not output.all_done:
-            if do_sample:
+            drafted = bool(tree_widths) and (policy is None or policy.draft_this_round())
+            if not drafted:
+                tree = DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
+            elif do_sample:
                 tree = drafter.propose_tree(
                     tokens, seq_len, pad_start, draft_warpers=draft_warpers, sample_children=rule.sample_children
                 )
             else:
                 tree = drafter.propose_tree(tokens, seq_len, pad_start)
+            if prompt_lookup_branches > 0:
+                chains, _ = find_continuations(
+                    tokens, seq_len, pad_start, prompt_lookup_branches, chain_length, filler=pad_token_id
+                )
+                tree = tree.add_chains(chains)
             positions = (seq_len - 1 - pad_start)[:, None] + tree.depths[None, :]
             cache.begin_tree(tree.num_nodes)
             logits = target(
@@ -309,7 +343,16 @@ def longspec_decode(
             node_logits = _at_path(logits, acceptance.path) if output.logits is not None else None
             taken = output.add(acceptance.new_tokens, gained, tokens, seq_len, node_scores, node_logits)
             stats.rounds += 1
+            stats.drafted_rounds += int(drafted)
             stats.accepted_lengths.extend(gained[active].tolist())
+            if tree.retrieval is not None:
+                on_path = tree.retrieval.gather(1, acceptance.path)[:, 1:]
+                within = torch.arange(on_path.shape[1], device=device)[None, :] < acceptance.num_accepted[:, None]
+                stats.retrieval_accepted.extend((on_path & within).sum(dim=1)[active].tolist())
+            else:
+                stats.retrieval_accepted.extend([0] * int(active.sum()))
+            if policy is not None:
+                policy.record(gained[active].tolist(), drafted)
             seq_len += torch.tensor(taken, device=device)
     draft.last_stats = stats
     draft.last_draft_cache_nbytes = drafter.cache.nbytes()

@@ -4,7 +4,8 @@ Two class-level wrappers on `GenerationMixin`, installed once by `install()`:
 
 - `generate`: when the assistant is a [`LongSpecDraftModel`], checks the target, the draft and the
   generation arguments before any forward pass and takes the LongSpec-only keywords (`tree_widths`,
-  `longspec_stats`, `sampling_rule`); then transformers' own `generate` prepares the generation config, logits
+  `longspec_stats`, `sampling_rule`, `prompt_lookup_branches` (default 0: off, until its speed is
+  measured on a GPU), `adaptive` (default False)); then transformers' own `generate` prepares the generation config, logits
   processors and stopping criteria as usual.
 - `_assisted_decoding`: where transformers would run its assisted loop, runs `longspec_decode` instead
   for a LongSpec draft.
@@ -29,7 +30,7 @@ from .sampling import resolve_sampling_rule
 
 DEFAULT_TREE_WIDTHS = (4, 16, 16, 16, 16)
 # generate() keywords that only mean something with a LongSpec draft.
-LONGSPEC_KEYWORDS = ("tree_widths", "longspec_stats", "sampling_rule")
+LONGSPEC_KEYWORDS = ("tree_widths", "longspec_stats", "sampling_rule", "prompt_lookup_branches", "adaptive")
 
 
 @dataclass
@@ -39,6 +40,8 @@ class LongSpecRequest:
     tree_widths: list[int]
     stats: LongSpecStats | None
     sampling_rule: str | None = None
+    prompt_lookup_branches: int = 0
+    adaptive: bool = False
 
 
 # Carries the request of the `generate` call being run from the `generate` wrapper to the decoding
@@ -155,10 +158,22 @@ def generate(self: PreTrainedModel, *args, **kwargs):
     stats = kwargs.pop("longspec_stats", None)
     sampling_rule = kwargs.pop("sampling_rule", None)
     resolve_sampling_rule(sampling_rule)  # fail before any forward pass on an unknown name
+    prompt_lookup_branches = kwargs.pop("prompt_lookup_branches", 0)
+    if isinstance(prompt_lookup_branches, bool) or not isinstance(prompt_lookup_branches, int) or prompt_lookup_branches < 0:
+        raise ValueError(f"prompt_lookup_branches must be a non-negative integer, got {prompt_lookup_branches!r}")
+    adaptive = kwargs.pop("adaptive", False)
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
     generation_config = bound.arguments.get("generation_config")
     check_draft_matches_target(self, draft)
     _check_generation_arguments(self, generation_config, kwargs)
-    request = LongSpecRequest(_resolve_tree_widths(self, draft, tree_widths, generation_config), stats, sampling_rule)
+    request = LongSpecRequest(
+        _resolve_tree_widths(self, draft, tree_widths, generation_config),
+        stats,
+        sampling_rule,
+        prompt_lookup_branches,
+        adaptive,
+    )
     token = _current_request.set(request)
     try:
         return _original_generate(self, *args, **kwargs)
@@ -186,6 +201,8 @@ def _assisted_decoding(self: PreTrainedModel, input_ids, *args, **kwargs):
         attention_mask=kwargs.get("attention_mask"),
         stats=request.stats,
         sampling_rule=request.sampling_rule,
+        prompt_lookup_branches=request.prompt_lookup_branches,
+        adaptive=request.adaptive,
     )
 
 

@@ -17,6 +17,16 @@ probability p given the tokens before it, whatever the draft proposed. Two rules
   renormalised without x1..x_{i-1}; on rejection r <- norm(max(r - q_i, 0)); if none is accepted draw
   the bonus token from r.
 
+Prompt-lookup chains (`DraftTree.retrieval`) are fixed proposals, not draws from q, so
+recursive rejection must not treat them as draws: a retrieval child is tried with the point-mass step
+(accept with probability r(c); on rejection r(c) = 0, renormalise), a drafted child with the recursive
+rejection step, both against the current residual r. Each step is exact for whatever r it starts from
+(point mass: r(c) delta_c + (1 - r(c)) r|not c = r; rejection: min(q_i, r) + the normalised leftover
+max(r - q_i, 0) = r, with x_i ~ q_i given the earlier draws because the draws are made without
+replacement before verification), so any interleaving of the two emits a token of law p. A drafted
+child equal to an already rejected retrieval token has r = 0 there and is rejected like any other.
+Point-mass verification needs nothing special: it is exact for any fixed children.
+
 Which is better depends on the draft. Point-mass accepts child c with p(c), so a node accepts with
 p(children): good only when the target is sharp and the draft's top tokens cover its mass. Recursive
 rejection accepts with at least 1 - TV(p, q) at the first child and keeps going on the residual, so
@@ -84,20 +94,38 @@ def verify_recursive_rejection(tree: DraftTree, scores: torch.Tensor) -> GreedyA
     num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
     residual = target_probs[:, 0].clone()  # r, (B, V)
     tiny = torch.finfo(residual.dtype).tiny
+    # Retrieval nodes sit in the same columns in every row.
+    fixed_columns = tree.retrieval[0].tolist() if tree.retrieval is not None else [False] * num_nodes
     for level in range(1, tree.max_depth + 1):
         # Only rows whose walk reached level - 1 try this level's children.
         walking = num_accepted == level - 1
         parent_start = tree.level_slice(level - 1).start
-        local = (current - parent_start).clamp(min=0)
-        draft_probs = tree.draft_log_probs[level - 1][rows, local].exp()  # q at the current node, (B, V)
         moved = torch.zeros(batch, dtype=torch.bool, device=device)
         nodes = tree.level_slice(level)
+        if level - 1 < len(tree.draft_log_probs):
+            q_level = tree.draft_log_probs[level - 1]
+            # Retrieval nodes (after the draft's nodes in a level) have no q: only fixed children.
+            local = (current - parent_start).clamp(min=0, max=q_level.shape[1] - 1)
+            draft_probs = q_level[rows, local].exp()  # q at the current node, (B, V)
+        else:  # below the draft's deepest level only retrieval chains go on
+            draft_probs = None
         for child in range(nodes.start, nodes.stop):
             token = tree.tokens[:, child]
+            is_child = walking & ~moved & (tree.parents[:, child] == current)
+            uniform = torch.rand(batch, device=device)
+            if fixed_columns[child]:
+                # A fixed proposal: the point-mass step on the residual.
+                accept = is_child & (uniform < residual[rows, token])
+                reject = is_child & ~accept
+                current = torch.where(accept, child, current)
+                moved |= accept
+                without = residual.scatter(1, token[:, None], 0.0)
+                without = without / without.sum(dim=-1, keepdim=True).clamp(min=tiny)
+                residual = torch.where(reject[:, None], without, residual)
+                continue
             q_token = draft_probs[rows, token]
             # A child with q = 0 comes after q's support is exhausted: it is not a draw, skip it.
-            trying = walking & ~moved & (tree.parents[:, child] == current) & (q_token > 0)
-            uniform = torch.rand(batch, device=device)
+            trying = is_child & (q_token > 0)
             leftover = (residual - draft_probs).clamp(min=0)
             leftover_mass = leftover.sum(dim=-1, keepdim=True)
             # Rejection is impossible when r <= q_i everywhere; rounding must not make it happen.

@@ -24,9 +24,12 @@ class DraftTree:
         ancestors: `(B, 1 + N, 1 + N)` boolean; `ancestors[b, i, j]` iff node `j` is on the path to `i`
             (a node is its own ancestor). This is the tree attention mask.
         level_sizes: number of nodes in each level, root excluded.
-        draft_log_probs: in sampling mode, entry `L` is the `(B, level_sizes[L - 1], V)` (root: `(B, 1, V)`)
-            draft log-distribution q at the nodes of level `L`, for `L < max_depth`: the distribution their
-            children were drafted from. Empty in greedy mode.
+        draft_log_probs: in sampling mode, entry `L` is the `(B, n_L, V)` (root: `(B, 1, V)`) draft
+            log-distribution q at the first `n_L` nodes of level `L` (the draft's nodes; retrieval nodes come
+            after them), for the levels the draft expanded: the distribution their children were drafted
+            from. Empty in greedy mode.
+        retrieval: `(B, 1 + N)` boolean, True at prompt-lookup nodes (`add_chains`): fixed proposals that
+            no draft distribution produced. None when the tree has none.
     """
 
     tokens: torch.Tensor
@@ -36,6 +39,7 @@ class DraftTree:
     ancestors: torch.Tensor
     level_sizes: list[int] = field(default_factory=list)
     draft_log_probs: list[torch.Tensor] = field(default_factory=list)
+    retrieval: torch.Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -76,6 +80,49 @@ class DraftTree:
         ancestors[:, torch.arange(start, total), torch.arange(start, total)] = True
         self.ancestors = ancestors
         self.level_sizes.append(size)
+
+    def add_chains(self, chains: torch.Tensor) -> "DraftTree":
+        """A new tree with `K` chains of `L` tokens hung under the root, verified alongside the draft's nodes.
+
+        Level `d` of the new tree is this tree's level `d` followed by the `d`-th node of every chain, so
+        levels stay contiguous and equal in size across rows (the layout every consumer relies on) and the
+        draft's nodes keep their position within a level (which `draft_log_probs` is indexed by).
+
+        Args:
+            chains: `(B, K, L)` tokens; chain `k` is the path root -> `chains[:, k, 0]` -> ... .
+        """
+        batch, num_chains, length = chains.shape
+        device = chains.device
+        if self.retrieval is not None:
+            raise ValueError("add_chains is applied once per tree")
+        if num_chains == 0 or length == 0:
+            return self
+        merged = DraftTree.root_only(self.tokens[:, 0])
+        merged.draft_log_probs = list(self.draft_log_probs)
+        is_chain = [torch.zeros(batch, 1, dtype=torch.bool, device=device)]
+        new_index = torch.zeros(batch, self.num_nodes, dtype=torch.long, device=device)  # old node -> new node
+        previous_chain_nodes = torch.zeros(batch, num_chains, dtype=torch.long, device=device)  # the root
+        for level in range(1, max(self.max_depth, length) + 1):
+            start = merged.num_nodes
+            tokens, parents, log_probs = [], [], []
+            if level <= self.max_depth:
+                nodes = self.level_slice(level)
+                size = nodes.stop - nodes.start
+                new_index[:, nodes] = start + torch.arange(size, device=device)
+                tokens.append(self.tokens[:, nodes])
+                parents.append(new_index.gather(1, self.parents[:, nodes]))
+                log_probs.append(self.log_probs[:, nodes])
+                is_chain.append(torch.zeros(batch, size, dtype=torch.bool, device=device))
+            if level <= length:
+                tokens.append(chains[:, :, level - 1])
+                parents.append(previous_chain_nodes)
+                log_probs.append(torch.zeros(batch, num_chains, device=device))
+                is_chain.append(torch.ones(batch, num_chains, dtype=torch.bool, device=device))
+                chain_start = start + sum(t.shape[1] for t in tokens[:-1])
+                previous_chain_nodes = chain_start + torch.arange(num_chains, device=device).expand(batch, -1)
+            merged.add_level(torch.cat(tokens, dim=1), torch.cat(parents, dim=1), torch.cat(log_probs, dim=1))
+        merged.retrieval = torch.cat(is_chain, dim=1)
+        return merged
 
     def level_slice(self, level: int) -> slice:
         """Node indices of `level` (1-based; level 0 is the root)."""

@@ -1,0 +1,148 @@
+"""Prompt-lookup branches and adaptive drafting: exact trees, identical greedy output, higher acceptance."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from longspec_hf import LongSpecStats
+from longspec_hf.generation.adaptive import AdaptiveDrafting
+from longspec_hf.generation.retrieval import find_continuations
+from longspec_hf.generation.tree import DraftTree, accept_greedy
+
+from .conftest import make_draft, make_target
+from .test_equality import eos_inside_generation
+
+TREE_SHAPES = [[4, 16, 16, 16, 16], [2, 3], [1, 1, 1], [3], []]
+
+
+def test_continuations_are_the_tokens_after_earlier_occurrences_of_the_suffix():
+    tokens = torch.tensor([[0, 0, 5, 6, 7, 8, 5, 6, 9, 5, 6, 7, 1], [5, 6, 7, 5, 6, 7, 5, 6, 0, 0, 0, 0, 0]])
+    chains, found = find_continuations(tokens, torch.tensor([10, 8]), torch.tensor([2, 0]), 3, 4, filler=0)
+    # Row 0 ends in "5": "5" occurred at 6 and 2 (latest first); the padding is never matched.
+    assert chains[0].tolist() == [[6, 9, 5, 0], [6, 7, 8, 5], [0, 0, 0, 0]]
+    assert found[0].sum(dim=1).tolist() == [3, 4, 0]
+    # Row 1 ends in "7 5 6": its earlier occurrence continues "7 5 6" (then the text ends); "5 6" adds "7 5 6 7".
+    assert chains[1, :2].tolist() == [[7, 5, 6, 0], [7, 5, 6, 7]]
+    assert found[1].sum(dim=1).tolist() == [3, 4, 0]
+
+
+def test_chains_join_the_tree_level_by_level():
+    tree = DraftTree.root_only(torch.tensor([3, 4]))
+    tree.add_level(torch.tensor([[10, 11], [12, 13]]), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2))
+    tree.add_level(torch.tensor([[20], [21]]), torch.tensor([[2], [1]]), torch.zeros(2, 1))
+    merged = tree.add_chains(torch.tensor([[[30, 31, 32]], [[40, 41, 42]]]))
+    assert merged.level_sizes == [3, 2, 1]
+    assert merged.tokens.tolist() == [[3, 10, 11, 30, 20, 31, 32], [4, 12, 13, 40, 21, 41, 42]]
+    assert merged.parents.tolist() == [[0, 0, 0, 0, 2, 3, 5], [0, 0, 0, 0, 1, 3, 5]]
+    assert merged.retrieval[0].tolist() == [False, False, False, True, False, True, True]
+    assert merged.ancestors[0, 6].nonzero()[:, 0].tolist() == [0, 3, 5, 6]
+    # The target agrees with row 0's chain and row 1's draft path.
+    choice = torch.tensor([[30, 0, 0, 31, 0, 32, 7], [12, 21, 0, 0, 8, 0, 0]])
+    acceptance = accept_greedy(merged, choice)
+    assert acceptance.num_accepted.tolist() == [3, 2]
+    assert acceptance.new_tokens.tolist() == [[30, 31, 32, 7], [12, 21, 8, 8]]
+
+
+def repetitive_batch(rng: random.Random, vocab_size: int, batch_size: int, max_len: int):
+    """Left-padded prompts made of a short random pattern repeated with a few random edits."""
+    rows = []
+    for _ in range(batch_size):
+        pattern = [rng.randrange(3, vocab_size) for _ in range(rng.randrange(2, 9))]
+        row = (pattern * (max_len // len(pattern) + 1))[: rng.randrange(1, max_len + 1)]
+        for _ in range(rng.randrange(0, 3)):
+            row[rng.randrange(len(row))] = rng.randrange(3, vocab_size)
+        rows.append(row)
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_random_cases_with_prompt_lookup_match_plain_generate(arch):
+    rng = random.Random(f"retrieval-{arch}")
+    target = make_target(arch, seed=rng.randrange(1000))
+    drafts = [make_draft(target, seed=s, sliding_window=w) for s, w in ((1, 8), (2, 32))]
+    mismatches = []
+    cases = 60
+    for case in range(cases):
+        ids, mask = repetitive_batch(rng, target.config.vocab_size, rng.choice([1, 2, 3]), rng.randrange(2, 40))
+        max_new_tokens = rng.choice([1, 3, 17, 60, 120])
+        kwargs = dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
+        reference = target.generate(ids, **kwargs)
+        if case % 3 == 0:
+            eos = eos_inside_generation(reference, ids.shape[1], rng)
+            if eos:
+                kwargs["eos_token_id"] = eos if len(eos) > 1 else eos[0]
+                reference = target.generate(ids, **kwargs)
+        widths = rng.choice(TREE_SHAPES)
+        branches = rng.choice([1, 2, 4])
+        adaptive = rng.random() < 0.3
+        output = target.generate(
+            ids, assistant_model=rng.choice(drafts), tree_widths=widths, prompt_lookup_branches=branches,
+            adaptive=adaptive, **kwargs,
+        )
+        if not torch.equal(reference, output):
+            mismatches.append((case, ids.shape, max_new_tokens, widths, branches, adaptive))
+    assert not mismatches, f"{len(mismatches)} of {cases} cases differ: {mismatches[:5]}"
+
+
+def test_prompt_lookup_raises_acceptance_with_a_random_draft():
+    """A repetitive prompt: the target keeps copying, so the chains are accepted where the random draft is not."""
+    rng = random.Random("lookup-gain")
+    target = make_target("llama", seed=7)
+    draft = make_draft(target, seed=11)  # untrained: a random draft
+    ids, mask = repetitive_batch(rng, target.config.vocab_size, 4, 60)
+    kwargs = dict(attention_mask=mask, max_new_tokens=80, do_sample=False, assistant_model=draft, tree_widths=[2, 3])
+    reference = target.generate(ids, attention_mask=mask, max_new_tokens=80, do_sample=False)
+    without, with_lookup = LongSpecStats(), LongSpecStats()
+    assert torch.equal(target.generate(ids, longspec_stats=without, **kwargs), reference)
+    assert torch.equal(target.generate(ids, longspec_stats=with_lookup, prompt_lookup_branches=3, **kwargs), reference)
+    assert with_lookup.mean_accepted_length > without.mean_accepted_length + 1.0, (
+        with_lookup.mean_accepted_length, without.mean_accepted_length,
+    )
+    assert with_lookup.mean_retrieval_accepted > 1.0
+    assert sum(without.retrieval_accepted) == 0
+
+
+def test_adaptive_drafting_pauses_and_probes():
+    policy = AdaptiveDrafting(window=4, min_mean_gain=1.5, probe_after=3)
+    for _ in range(4):
+        assert policy.draft_this_round()
+        policy.record([1, 2], drafted=True)  # mean 1.5: pays just enough
+    assert policy.draft_this_round()
+    for _ in range(4):
+        policy.record([1, 1], drafted=True)
+    assert not policy.draft_this_round()
+    for _ in range(3):
+        policy.record([1], drafted=False)
+    assert policy.draft_this_round()  # the probe
+    policy.record([3], drafted=True)
+    policy.record([3], drafted=True)
+    assert policy.draft_this_round()
+
+
+def test_adaptive_mode_output_and_stats(llama_pair):
+    target, draft = llama_pair
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    reference = target.generate(ids, max_new_tokens=50, do_sample=False)
+    stats = LongSpecStats()
+    output = target.generate(ids, assistant_model=draft, adaptive=True, max_new_tokens=50, do_sample=False, longspec_stats=stats)
+    assert torch.equal(output, reference)
+    assert 0 < stats.drafted_rounds <= stats.rounds
+
+
+@pytest.mark.parametrize("bad", [dict(prompt_lookup_branches=-1), dict(prompt_lookup_branches=True), dict(adaptive=1)])
+def test_bad_lookup_arguments_are_refused(llama_pair, bad):
+    target, draft = llama_pair
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        target.generate(torch.tensor([[5, 6]]), assistant_model=draft, max_new_tokens=2, **bad)
+
+
+def test_lookup_keywords_need_a_longspec_draft(llama_pair):
+    target, _ = llama_pair
+    with pytest.raises(ValueError, match="prompt_lookup_branches"):
+        target.generate(torch.tensor([[5, 6]]), max_new_tokens=2, prompt_lookup_branches=2)
