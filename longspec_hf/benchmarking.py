@@ -8,6 +8,11 @@ Methods (all greedy, batch 1, the same `max_new_tokens`):
   forward. It separates the infrastructure gain from the speculation gain.
 - `longspec_chain`: LongSpec with widths `[1] * 5`.
 - `longspec_tree`: LongSpec with the draft's default tree.
+- `longspec_hybrid`: the default tree plus two prompt-lookup chains (`prompt_lookup_branches=2`).
+- `longspec_hybrid_adaptive`: the hybrid tree, the draft paused while it does not pay (`adaptive=True`).
+
+`longspec_*_eager` variants run the same loop without CUDA graphs (`cuda_graphs=False`), which shows
+what the graphs save. Every LongSpec method but the eager ones uses them on a CUDA target.
 
 For each method: tokens/s, speedups over both transformers baselines, mean accepted tokens per round
 (tau) with a histogram of accepted lengths, and whether the tokens equal the autoregressive output (else
@@ -29,16 +34,29 @@ from transformers import PreTrainedModel
 from .generation import LongSpecStats
 from .modeling import LongSpecDraftModel
 
-METHODS = ("hf_autoregressive", "hf_prompt_lookup", "longspec_no_draft", "longspec_chain", "longspec_tree")
+METHODS = (
+    "hf_autoregressive",
+    "hf_prompt_lookup",
+    "longspec_no_draft",
+    "longspec_chain",
+    "longspec_tree",
+    "longspec_hybrid",
+    "longspec_hybrid_adaptive",
+)
+EAGER_METHODS = ("longspec_no_draft_eager", "longspec_tree_eager")
 
 
 def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
+    if name.endswith("_eager"):
+        return dict(method_kwargs(name.removesuffix("_eager"), draft), cuda_graphs=False)
     return {
         "hf_autoregressive": {},
         "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},
         "longspec_no_draft": {"assistant_model": draft, "tree_widths": []},
         "longspec_chain": {"assistant_model": draft, "tree_widths": [1] * 5},
         "longspec_tree": {"assistant_model": draft},
+        "longspec_hybrid": {"assistant_model": draft, "prompt_lookup_branches": 2},
+        "longspec_hybrid_adaptive": {"assistant_model": draft, "prompt_lookup_branches": 2, "adaptive": True},
     }[name]
 
 

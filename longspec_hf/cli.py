@@ -202,7 +202,10 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 7680])
     parser.add_argument("--prompts", type=int, default=2, help="prompts per context length")
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default: all)")
+    parser.add_argument(
+        "--methods", nargs="+", default=None,
+        help="methods to run (default: all but the *_eager ones, which run LongSpec without CUDA graphs)",
+    )
     parser.add_argument("--out-dir", default="longspec-bench", help="where results.json/.md and plots go")
 
 
@@ -211,8 +214,11 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .benchmarking import METHODS, markdown_table, run_benchmark, summary_rows, write_report
+    from .benchmarking import EAGER_METHODS, METHODS, markdown_table, run_benchmark, summary_rows, write_report
 
+    unknown = sorted(set(args.methods or ()) - set(METHODS + EAGER_METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS + EAGER_METHODS)}")
     device, dtype = _device_and_dtype(args)
     target, tokenizer = _load_target(args.target, device, dtype, args.gguf_file)
     draft = _load_draft(args.draft, device, dtype)

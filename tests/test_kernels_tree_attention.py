@@ -35,6 +35,8 @@ CPU_CASES = {
                                num_splits=4, config=dict(BLOCK_M=16, BLOCK_N=16)),
     "tree_of_256": dict(lengths=[70], capacity=80, kv_heads=1, group=1, queries=256, head_dim=16),
 }
+# Cases whose rows all have a prefix, also run through the prefix-only entry point.
+PREFIX_ONLY_CASES = ["default_launch_single_query", "padded_head_dim_many_row_blocks"]
 CPU_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Relative error bound of the output, by dtype: fp32 is exact up to summation order; fp16 rounds the
 # inputs of the probability @ value product and the output.
@@ -103,12 +105,17 @@ def interpreter_cases() -> dict:
     jobs = [(f"{name}-{dtype_name}", name, dtype_name, "fused") for name in CPU_CASES for dtype_name in CPU_DTYPES]
     jobs += [(f"ragged_gqa_splits-{d}-two_pass", "ragged_gqa_splits", d, "two_pass") for d in CPU_DTYPES]
     jobs += [(f"cross_attention_tree-{d}-dispatch", "cross_attention_tree", d, "dispatch") for d in CPU_DTYPES]
+    jobs += [(f"{name}-{d}-prefix_only", name, d, "prefix_only") for name in PREFIX_ONLY_CASES for d in CPU_DTYPES]
     for seed, (key, name, dtype_name, variant) in enumerate(jobs):
         try:
             shape = CPU_CASES[name]
             inputs = make_inputs(shape, CPU_DTYPES[dtype_name], "cpu", seed)
             ref_out, ref_lse = reference.prefix_tree_attention(**inputs)
-            if variant == "fused":
+            if variant == "prefix_only":  # the draft's cross-attention: no tree at all
+                prefix_args = [inputs[k] for k in ("query", "key_prefix", "value_prefix", "prefix_start", "prefix_end")]
+                ref_out, ref_lse = reference.prefix_attention(*prefix_args, inputs["scale"])
+                out, lse = kernels.prefix_attention(*prefix_args, inputs["scale"], backend="triton")
+            elif variant == "fused":
                 out, lse = tree_attention.prefix_tree_attention(
                     **inputs, config=shape.get("config"), num_splits=shape.get("num_splits"))
             elif variant == "two_pass":
@@ -130,6 +137,7 @@ def interpreter_results():
 CPU_KEYS = [f"{name}-{d}" for name in CPU_CASES for d in CPU_DTYPES]
 CPU_KEYS += [f"ragged_gqa_splits-{d}-two_pass" for d in CPU_DTYPES]
 CPU_KEYS += [f"cross_attention_tree-{d}-dispatch" for d in CPU_DTYPES]
+CPU_KEYS += [f"{name}-{d}-prefix_only" for name in PREFIX_ONLY_CASES for d in CPU_DTYPES]
 
 
 @pytest.mark.parametrize("key", CPU_KEYS)
@@ -249,3 +257,14 @@ def test_dispatch_on_cuda_uses_the_kernel(monkeypatch):
     assert calls == [1]
     result = compare(out, lse, ref_out, ref_lse)
     assert result["out_rel_err"] < 1e-2 and math.isfinite(result["lse_abs_err"])
+
+
+def test_prefix_attention_is_the_hybrid_attention_with_no_tree_visible():
+    inputs = make_inputs(CPU_CASES["default_launch_single_query"], torch.float32, "cpu", seed=102)
+    inputs["tree_mask"] = torch.zeros_like(inputs["tree_mask"])
+    hybrid_out, hybrid_lse = reference.prefix_tree_attention(**inputs)
+    prefix_args = [inputs[k] for k in ("query", "key_prefix", "value_prefix", "prefix_start", "prefix_end")]
+    for backend in (None, "torch"):
+        out, lse = kernels.prefix_attention(*prefix_args, inputs["scale"], backend=backend)
+        torch.testing.assert_close(out, hybrid_out, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse, hybrid_lse, rtol=1e-6, atol=1e-6)

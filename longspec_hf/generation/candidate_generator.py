@@ -69,6 +69,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         *,
         draft_warpers: LogitsProcessorList | None = None,
         sample_children: bool = False,
+        new_tokens_bound: int | None = None,
     ) -> DraftTree:
         """Draft a tree rooted at each row's last token.
 
@@ -82,6 +83,10 @@ class LongSpecCandidateGenerator(CandidateGenerator):
                 node is kept on the tree (`DraftTree.draft_log_probs`) for verification.
             sample_children: draw each node's children without replacement from q (Gumbel-top-k)
                 instead of taking q's top tokens; the tree shape follows the same beam allocation.
+            new_tokens_bound: an upper bound, known to the caller, on the tokens any row gained since
+                the previous call (the root included). With it every shape is fixed and nothing waits
+                for the device, so the call can be captured in a CUDA graph; without it the bound is
+                read from the device.
 
         Returns:
             A [`DraftTree`] with `1 + sum(tree_widths)` nodes; with no levels, just the roots (the draft
@@ -90,7 +95,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         if not self.tree_widths:
             return DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
         target_kv = self.target_kv()
-        root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv)
+        root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv, new_tokens_bound)
         root_tokens = tokens.gather(1, (seq_len - 1)[:, None])[:, 0]
         root_position = seq_len - 1 - pad_start
         tree = DraftTree.root_only(root_tokens)
@@ -127,21 +132,30 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         return torch.log_softmax(scores, dim=-1)
 
     def _consume_committed(
-        self, tokens: torch.Tensor, seq_len: torch.Tensor, pad_start: torch.Tensor, target_kv: TargetKV
+        self,
+        tokens: torch.Tensor,
+        seq_len: torch.Tensor,
+        pad_start: torch.Tensor,
+        target_kv: TargetKV,
+        new_tokens_bound: int | None,
     ) -> torch.Tensor:
         """Feed each row's tokens the ring has not seen (at least the root); return the root's logits."""
         cache = self.cache
         window = cache.window
         first = torch.maximum(torch.minimum(cache.seen_len, seq_len - 1), (seq_len - window).clamp(min=0))
         first = torch.maximum(first, pad_start)
-        chunk = int((seq_len - first).max())
-        slots = first[:, None] + torch.arange(chunk, device=tokens.device)
-        valid = slots < seq_len[:, None]
-        slots = torch.minimum(slots, seq_len[:, None] - 1)
+        if new_tokens_bound is None:
+            chunk = int((seq_len - first).max())
+        else:
+            chunk = min(max(1, new_tokens_bound), window)
+        # The chunk ends at each row's root; entries before the row's first unseen token are padding.
+        slots = (seq_len - chunk)[:, None] + torch.arange(chunk, device=tokens.device)
+        valid = slots >= first[:, None]
+        slots = torch.maximum(slots, first[:, None])
         logits = self.draft.append_and_query_root(
             tokens.gather(1, slots), slots - pad_start[:, None], valid, cache, target_kv
         )
-        cache.seen_len = seq_len.clone()
+        cache.seen_len.copy_(seq_len)
         return logits
 
     # ----- transformers CandidateGenerator API (batch size 1, chains) --------------------------------------

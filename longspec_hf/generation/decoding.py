@@ -18,6 +18,7 @@ Rows advance at their own pace; every buffer has explicit per-row lengths (`seq_
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,10 +33,11 @@ from .adaptive import AdaptiveDrafting
 from .attention import LongSpecAttentionInputs, longspec_attention
 from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator
+from .cuda_graphs import GraphedCall, StaticInputs
 from .processing import SCORES_ONLY_PROCESSORS, tree_scores
 from .retrieval import branch_length, find_continuations
 from .sampling import resolve_sampling_rule
-from .tree import DraftTree, accept_greedy
+from .tree import DraftTree, GreedyAcceptance, accept_greedy
 
 
 @dataclass
@@ -119,8 +121,8 @@ class _Output:
 
     def add(
         self,
-        new_tokens: torch.Tensor,
-        counts: torch.Tensor,
+        new_tokens: list[list[int]],
+        counts: list[int],
         buffer: torch.Tensor,
         seq_len: torch.Tensor,
         scores: torch.Tensor | None,
@@ -132,7 +134,7 @@ class _Output:
         `scores`/`logits` are `(B, P, V)`, the values at which each new token was chosen.
         """
         taken = [0] * len(self.tokens)
-        for row, (row_tokens, count) in enumerate(zip(new_tokens.tolist(), counts.tolist())):
+        for row, (row_tokens, count) in enumerate(zip(new_tokens, counts)):
             for j in range(count if not self.done[row] else 0):
                 token = row_tokens[j]
                 self.tokens[row].append(token)
@@ -210,6 +212,7 @@ def longspec_decode(
     sampling_rule: str | None = None,
     prompt_lookup_branches: int = 0,
     adaptive: bool = False,
+    cuda_graphs: bool = True,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """LongSpec tree decoding; returns what `target.generate` returns for the same arguments.
 
@@ -219,7 +222,8 @@ def longspec_decode(
     `prompt_lookup_branches=K` adds K chains of `branch_length(len(tree_widths))` tokens continuing the
     row's suffix where it occurred before (`retrieval.py`): the tree then has at most
     `1 + sum(tree_widths) + K * branch_length` nodes, dummies included, in every round. `adaptive` pauses
-    the draft while it does not pay (`adaptive.py`).
+    the draft while it does not pay (`adaptive.py`). `cuda_graphs` replays the verify forward and the
+    greedy draft from CUDA graphs on a CUDA target (`cuda_graphs.py`).
     """
     batch_size, prompt_len = input_ids.shape
     device = input_ids.device
@@ -297,22 +301,47 @@ def longspec_decode(
         else:
             first = scores.argmax(dim=-1)
         tokens[:, prompt_len] = first[:, 0]
-        ones = torch.ones(batch_size, dtype=torch.long, device=device)
-        output.add(first, ones, tokens, seq_len, scores, logits)
+        output.add(first.tolist(), [1] * batch_size, tokens, seq_len, scores, logits)
         seq_len += 1
 
         drafter = LongSpecCandidateGenerator(draft, target, tree_widths, batch_size, cache.target_kv)
         policy = AdaptiveDrafting() if adaptive and tree_widths else None
+        use_graphs = cuda_graphs and device.type == "cuda"
+        # Greedy decoding without logits processors accepts inside the verify graph too.
+        accept_in_graph = not do_sample and len(logits_processor) == 0
+        verify = _GraphedVerify(target, cache, accept_in_graph) if use_graphs else None
+        draft_graph: GraphedCall[DraftTree] | None = None
+        # The draft ring's lag: at most how many tokens a row gained since the draft last ran (the
+        # prompt and the first token before the first round). Known on the host, so no sync is needed.
+        ring_lag = prompt_len + 1
+        round_gain_limit = max_depth + 1
+        # The cache's committed_len, mirrored on the host: compaction writes a whole path past it.
+        committed_host = [prompt_len] * batch_size
+        active_rows = [True] * batch_size
+        active = torch.ones(batch_size, dtype=torch.bool, device=device)
         while not output.all_done:
             drafted = bool(tree_widths) and (policy is None or policy.draft_this_round())
             if not drafted:
                 tree = DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
             elif do_sample:
                 tree = drafter.propose_tree(
-                    tokens, seq_len, pad_start, draft_warpers=draft_warpers, sample_children=rule.sample_children
+                    tokens,
+                    seq_len,
+                    pad_start,
+                    draft_warpers=draft_warpers,
+                    sample_children=rule.sample_children,
+                    new_tokens_bound=ring_lag,
                 )
+            elif use_graphs and ring_lag <= round_gain_limit:
+                if draft_graph is None:
+                    draft_graph = GraphedCall(
+                        functools.partial(
+                            drafter.propose_tree, tokens, seq_len, pad_start, new_tokens_bound=round_gain_limit
+                        )
+                    )
+                tree = draft_graph()
             else:
-                tree = drafter.propose_tree(tokens, seq_len, pad_start)
+                tree = drafter.propose_tree(tokens, seq_len, pad_start, new_tokens_bound=ring_lag)
             if prompt_lookup_branches > 0:
                 chains, _ = find_continuations(
                     tokens, seq_len, pad_start, prompt_lookup_branches, chain_length, filler=pad_token_id
@@ -320,43 +349,124 @@ def longspec_decode(
                 tree = tree.add_chains(chains)
             positions = (seq_len - 1 - pad_start)[:, None] + tree.depths[None, :]
             cache.begin_tree(tree.num_nodes)
-            logits = target(
-                input_ids=tree.tokens,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=0,
-                longspec=LongSpecAttentionInputs(cache, tree_mask=tree.ancestors),
-            ).logits
-            scores = tree_scores(logits, logits_processor, tokens, seq_len, tree)
-            if do_sample:
-                acceptance = rule.verify(tree, scores)
+            if verify is not None:
+                logits, acceptance = verify(tree, positions)
             else:
-                acceptance = accept_greedy(tree, scores.argmax(dim=-1))
+                logits, acceptance = _verify_logits(target, cache, tree.tokens, positions, tree.ancestors), None
+            scores = None
+            if acceptance is None or output.scores is not None:
+                scores = tree_scores(logits, logits_processor, tokens, seq_len, tree)
+            if acceptance is None:
+                if do_sample:
+                    acceptance = rule.verify(tree, scores)
+                else:
+                    acceptance = accept_greedy(tree, scores.argmax(dim=-1))
 
-            active = torch.tensor([not d for d in output.done], device=device)
+            if [not d for d in output.done] != active_rows:  # rows finish rarely: refresh the mask then
+                active_rows = [not d for d in output.done]
+                active = torch.tensor(active_rows, device=device)
             gained = torch.where(active, acceptance.num_accepted + 1, 0)
-            cache.compact(acceptance.path, gained)
-            write = seq_len[:, None] + torch.arange(acceptance.new_tokens.shape[1], device=device)
-            tokens.scatter_(1, write, acceptance.new_tokens)
-            node_scores = _at_path(scores, acceptance.path) if output.scores is not None else None
-            node_logits = _at_path(logits, acceptance.path) if output.logits is not None else None
-            taken = output.add(acceptance.new_tokens, gained, tokens, seq_len, node_scores, node_logits)
-            stats.rounds += 1
-            stats.drafted_rounds += int(drafted)
-            stats.accepted_lengths.extend(gained[active].tolist())
+            path_width = acceptance.new_tokens.shape[1]
+            to_host = [gained[:, None], acceptance.new_tokens]
             if tree.retrieval is not None:
                 on_path = tree.retrieval.gather(1, acceptance.path)[:, 1:]
                 within = torch.arange(on_path.shape[1], device=device)[None, :] < acceptance.num_accepted[:, None]
-                stats.retrieval_accepted.extend((on_path & within).sum(dim=1)[active].tolist())
+                to_host.append((on_path & within).sum(dim=1, keepdim=True))
+            # The round's one wait for the device: what the host needs to emit tokens and keep statistics.
+            host_rows = torch.cat(to_host, dim=1).tolist()
+            gained_host = [row[0] for row in host_rows]
+            if max(committed_host) + path_width > cache.capacity:
+                raise RuntimeError("LongSpecCache capacity exceeded")
+            committed_host = [c + g for c, g in zip(committed_host, gained_host)]
+            cache.compact(acceptance.path, gained)
+            write = seq_len[:, None] + torch.arange(path_width, device=device)
+            tokens.scatter_(1, write, acceptance.new_tokens)
+            node_scores = _at_path(scores, acceptance.path) if output.scores is not None else None
+            node_logits = _at_path(logits, acceptance.path) if output.logits is not None else None
+            new_tokens_host = [row[1 : 1 + path_width] for row in host_rows]
+            taken = output.add(new_tokens_host, gained_host, tokens, seq_len, node_scores, node_logits)
+            stats.rounds += 1
+            stats.drafted_rounds += int(drafted)
+            gained_active = [g for g, a in zip(gained_host, active_rows) if a]
+            stats.accepted_lengths.extend(gained_active)
+            if tree.retrieval is not None:
+                stats.retrieval_accepted.extend(row[-1] for row, a in zip(host_rows, active_rows) if a)
             else:
-                stats.retrieval_accepted.extend([0] * int(active.sum()))
+                stats.retrieval_accepted.extend([0] * len(gained_active))
             if policy is not None:
-                policy.record(gained[active].tolist(), drafted)
+                policy.record(gained_active, drafted)
             seq_len += torch.tensor(taken, device=device)
+            ring_lag = (0 if drafted else ring_lag) + max(taken)
     draft.last_stats = stats
     draft.last_draft_cache_nbytes = drafter.cache.nbytes()
     return _finish(output, input_ids, pad_token_id, return_dict, streamer)
+
+
+def _verify_logits(
+    target: PreTrainedModel,
+    cache: LongSpecCache,
+    tree_tokens: torch.Tensor,
+    positions: torch.Tensor,
+    tree_mask: torch.Tensor,
+) -> torch.Tensor:
+    """`(B, 1 + N, V)` target logits at every node; the nodes' K/V land in the cache's tree scratch."""
+    return target(
+        input_ids=tree_tokens,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=0,
+        longspec=LongSpecAttentionInputs(cache, tree_mask=tree_mask),
+    ).logits
+
+
+def _verify_and_accept(
+    target: PreTrainedModel, cache: LongSpecCache, tree: DraftTree, positions: torch.Tensor, accept: bool
+) -> tuple[torch.Tensor, GreedyAcceptance | None]:
+    """The target's logits at every node and, when `accept`, the greedy acceptance of the raw logits."""
+    logits = _verify_logits(target, cache, tree.tokens, positions, tree.ancestors)
+    # argmax of the logits is the argmax of the float32 scores the eager path takes (the cast is exact).
+    return logits, accept_greedy(tree, logits.argmax(dim=-1)) if accept else None
+
+
+class _GraphedVerify:
+    """[`_verify_and_accept`] replayed from one CUDA graph per tree shape (adaptive drafting uses two).
+
+    Args:
+        target, cache: the model being decoded and its LongSpec cache.
+        accept: also run greedy acceptance in the graph (greedy decoding without logits processors).
+    """
+
+    def __init__(self, target: PreTrainedModel, cache: LongSpecCache, accept: bool):
+        self.target = target
+        self.cache = cache
+        self.accept = accept
+        self.graphs: dict[tuple[int, ...], tuple[StaticInputs, GraphedCall]] = {}
+
+    def __call__(self, tree: DraftTree, positions: torch.Tensor) -> tuple[torch.Tensor, GreedyAcceptance | None]:
+        inputs_now = dict(
+            tokens=tree.tokens, parents=tree.parents, depths=tree.depths, ancestors=tree.ancestors, positions=positions
+        )
+        shape = (tree.num_nodes, *tree.level_sizes)
+        if shape not in self.graphs:
+            inputs = StaticInputs(**inputs_now)
+            static_tree = DraftTree(
+                tokens=inputs["tokens"],
+                parents=inputs["parents"],
+                depths=inputs["depths"],
+                log_probs=tree.log_probs,  # not read by verification
+                ancestors=inputs["ancestors"],
+                level_sizes=list(tree.level_sizes),
+            )
+            call = GraphedCall(
+                functools.partial(
+                    _verify_and_accept, self.target, self.cache, static_tree, inputs["positions"], self.accept
+                )
+            )
+            self.graphs[shape] = (inputs, call)
+        inputs, call = self.graphs[shape]
+        inputs.update(**inputs_now)
+        return call()
 
 
 def _at_path(values: torch.Tensor, path: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ Two class-level wrappers on `GenerationMixin`, installed once by `install()`:
 - `generate`: when the assistant is a [`LongSpecDraftModel`], checks the target, the draft and the
   generation arguments before any forward pass and takes the LongSpec-only keywords (`tree_widths`,
   `longspec_stats`, `sampling_rule`, `prompt_lookup_branches` (default 0: off, until its speed is
-  measured on a GPU), `adaptive` (default False)); then transformers' own `generate` prepares the generation config, logits
+  measured on a GPU), `adaptive` (default False), `cuda_graphs` (default True; CUDA targets only)); then transformers' own `generate` prepares the generation config, logits
   processors and stopping criteria as usual.
 - `_assisted_decoding`: where transformers would run its assisted loop, runs `longspec_decode` instead
   for a LongSpec draft.
@@ -30,7 +30,14 @@ from .sampling import resolve_sampling_rule
 
 DEFAULT_TREE_WIDTHS = (4, 16, 16, 16, 16)
 # generate() keywords that only mean something with a LongSpec draft.
-LONGSPEC_KEYWORDS = ("tree_widths", "longspec_stats", "sampling_rule", "prompt_lookup_branches", "adaptive")
+LONGSPEC_KEYWORDS = (
+    "tree_widths",
+    "longspec_stats",
+    "sampling_rule",
+    "prompt_lookup_branches",
+    "adaptive",
+    "cuda_graphs",
+)
 
 
 @dataclass
@@ -42,6 +49,7 @@ class LongSpecRequest:
     sampling_rule: str | None = None
     prompt_lookup_branches: int = 0
     adaptive: bool = False
+    cuda_graphs: bool = True
 
 
 # Carries the request of the `generate` call being run from the `generate` wrapper to the decoding
@@ -164,6 +172,9 @@ def generate(self: PreTrainedModel, *args, **kwargs):
     adaptive = kwargs.pop("adaptive", False)
     if not isinstance(adaptive, bool):
         raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
+    cuda_graphs = kwargs.pop("cuda_graphs", True)
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
     generation_config = bound.arguments.get("generation_config")
     check_draft_matches_target(self, draft)
     _check_generation_arguments(self, generation_config, kwargs)
@@ -173,6 +184,7 @@ def generate(self: PreTrainedModel, *args, **kwargs):
         sampling_rule,
         prompt_lookup_branches,
         adaptive,
+        cuda_graphs,
     )
     token = _current_request.set(request)
     try:
@@ -203,6 +215,7 @@ def _assisted_decoding(self: PreTrainedModel, input_ids, *args, **kwargs):
         sampling_rule=request.sampling_rule,
         prompt_lookup_branches=request.prompt_lookup_branches,
         adaptive=request.adaptive,
+        cuda_graphs=request.cuda_graphs,
     )
 
 

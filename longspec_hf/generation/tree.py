@@ -77,7 +77,7 @@ class DraftTree:
         # A new node sees what its parent sees, plus itself.
         parent_rows = self.ancestors.gather(1, parents[..., None].expand(-1, -1, start))
         ancestors[:, start:, :start] = parent_rows
-        ancestors[:, torch.arange(start, total), torch.arange(start, total)] = True
+        ancestors.diagonal(dim1=1, dim2=2)[:, start:].fill_(True)
         self.ancestors = ancestors
         self.level_sizes.append(size)
 

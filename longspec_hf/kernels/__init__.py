@@ -21,7 +21,14 @@ try:
 except ImportError:  # triton is not installed
     _compaction_triton = _tree_attention_triton = None
 
-__all__ = ["attention_with_lse", "compact_kv", "merge_attention", "prefix_tree_attention", "prefix_visibility"]
+__all__ = [
+    "attention_with_lse",
+    "compact_kv",
+    "merge_attention",
+    "prefix_attention",
+    "prefix_tree_attention",
+    "prefix_visibility",
+]
 
 
 def _use_triton(backend: str | None, triton_module, unsupported_reason, device: torch.device) -> bool:
@@ -60,6 +67,26 @@ def prefix_tree_attention(
     if _use_triton(backend, module, reason, query.device):
         return module.prefix_tree_attention(*args)
     return reference.prefix_tree_attention(*args)
+
+
+def prefix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    scale: float,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask-free attention over the slots `[start[b], end[b])` of a preallocated cache (see
+    `reference.prefix_attention`). The Triton path reads the lengths on the device, so a CUDA graph
+    can replay it while the lengths change."""
+    module = _tree_attention_triton
+    reason = lambda: module.unsupported_reason(query, key, value, None, None, None, scale)
+    if _use_triton(backend, module, reason, query.device):
+        return module.prefix_attention_with_lse(query, key, value, start, end, scale)
+    return reference.prefix_attention(query, key, value, start, end, scale)
 
 
 def compact_kv(

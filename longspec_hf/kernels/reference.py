@@ -76,6 +76,22 @@ def prefix_visibility(prefix_start: torch.Tensor, prefix_end: torch.Tensor, num_
     return ((slots >= prefix_start[:, None]) & (slots < prefix_end[:, None]))[:, None, :]
 
 
+def prefix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of `query` `(B, Hq, Tq, D)` over the slots `[start[b], end[b])` of `key`/`value`
+    `(B, Hkv, S, D)`, every query of row `b` seeing all of them. Returns `out` `(B, Hq, Tq, D)` and
+    `lse` `(B, Hq, Tq)` (float32). Every row needs at least one slot."""
+    num_slots = int(end.max()) if end.numel() else 0
+    visible = prefix_visibility(start, end, num_slots)
+    return attention_with_lse(query, key[:, :, :num_slots], value[:, :, :num_slots], visible, scale)
+
+
 def prefix_tree_attention(
     query: torch.Tensor,
     key_prefix: torch.Tensor,

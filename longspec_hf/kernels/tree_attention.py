@@ -368,7 +368,10 @@ def _launch(
 
 
 def unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tree_mask, scale) -> str | None:
-    """Why these inputs cannot go to the kernel, or None when they can."""
+    """Why these inputs cannot go to the kernel, or None when they can (`key_tree`, `value_tree` and
+    `tree_mask` None: prefix-only attention)."""
+    if key_tree is None:
+        key_tree, value_tree, tree_mask = key_prefix, value_prefix, query[..., 0]
     tensors = (query, key_prefix, value_prefix, key_tree, value_tree)
     if query.dtype not in SUPPORTED_DTYPES:
         return f"dtype {query.dtype} (supported: {SUPPORTED_DTYPES})"

@@ -23,7 +23,8 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 
-from ..kernels import attention_with_lse, prefix_visibility
+from .. import kernels
+from ..kernels import attention_with_lse
 from .configuration_longspec import LongSpecDraftConfig
 
 
@@ -166,14 +167,12 @@ class LongSpecCrossAttention(nn.Module):
         batch, num_queries, _ = hidden.shape
         query = self.q_proj(hidden).view(batch, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
         query = rotate(query, cos, sin)
-        num_slots = int(target_kv.end.max())
-        visible = prefix_visibility(target_kv.start, target_kv.end, num_slots)
-        key = target_kv.key[:, :, :num_slots]
-        value = target_kv.value[:, :, :num_slots]
-        # At inference every row has committed slots, so no query sees an empty set.
-        out = F.scaled_dot_product_attention(
-            query, key.to(query.dtype), value.to(query.dtype), attn_mask=visible[:, None], scale=self.scale, enable_gqa=True
-        )
+        key, value = target_kv.key, target_kv.value
+        if key.dtype != query.dtype:
+            key, value = key.to(query.dtype), value.to(query.dtype)
+        # At inference every row has committed slots, so no query sees an empty set. The lengths stay
+        # on the device (no host sync), so a CUDA graph can replay this while the target cache grows.
+        out, _ = kernels.prefix_attention(query, key, value, target_kv.start, target_kv.end, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, num_queries, -1))
 
 
@@ -424,15 +423,18 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         hidden = self._embed(input_ids)
         cos, sin = self._rotary(hidden, position_ids)
         key, value = self.self_attn.key_value(self.input_layernorm(hidden), cos, sin)
-        rows = torch.arange(batch, device=input_ids.device)[:, None].expand(batch, chunk)
-        slots = position_ids.clamp(min=0) % cache.window
-        keep_rows, keep_slots = rows[valid], slots[valid]
-        cache.key_ring[keep_rows, :, keep_slots] = key.transpose(1, 2)[valid]
-        cache.value_ring[keep_rows, :, keep_slots] = value.transpose(1, 2)[valid]
-        cache.ring_positions[keep_rows, keep_slots] = position_ids[valid]
-
         # Only the root's query matters: take each row's last valid token.
         last = (valid.long() * torch.arange(1, chunk + 1, device=valid.device)).argmax(dim=1, keepdim=True)
+        # Invalid entries repeat the row's last valid one, so every entry can be written without a
+        # data-dependent shape (no host sync): duplicates store the very same values in the same slot.
+        source = torch.where(valid, torch.arange(chunk, device=valid.device), last)
+        rows = torch.arange(batch, device=input_ids.device)[:, None].expand(batch, chunk)
+        write_positions = position_ids.gather(1, source)
+        slots = write_positions.clamp(min=0) % cache.window
+        cache.key_ring[rows, :, slots] = key.transpose(1, 2)[rows, source]
+        cache.value_ring[rows, :, slots] = value.transpose(1, 2)[rows, source]
+        cache.ring_positions[rows, slots] = write_positions
+
         root_hidden = hidden.gather(1, last[..., None].expand(-1, -1, hidden.shape[-1]))
         root_pos = position_ids.gather(1, last)
         root_cos, root_sin = cos.gather(1, last[..., None].expand(-1, -1, cos.shape[-1])), sin.gather(

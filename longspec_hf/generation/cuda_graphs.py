@@ -1,0 +1,80 @@
+"""CUDA graphs for the fixed-shape parts of a LongSpec round.
+
+A small target spends most of a round in Python and kernel launches, not on the GPU: a 30-layer model
+issues hundreds of launches per forward. Two parts of a round have shapes that stay fixed for a whole
+`generate` call, read every per-row length from device tensors and never wait for the device, so they
+are captured once and replayed:
+
+- the draft's tree proposal (greedy mode), which reads the token buffer and the lengths in place, and
+- the target's verify forward for a given node count, whose inputs are copied into static buffers.
+
+The rest of a round (acceptance, compaction, output) stays eager: it is a few dozen small launches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import torch
+
+Output = TypeVar("Output")
+
+
+class GraphedCall(Generic[Output]):
+    """`fn()` captured in a CUDA graph on its first call and replayed on every call.
+
+    `fn` takes no arguments: it reads and writes tensors whose addresses never change (callers copy new
+    inputs into them before calling). It must also be idempotent for equal inputs, because the first
+    call runs it twice (a warm-up outside the capture, which initialises cuBLAS and compiles Triton
+    kernels, then the replay). Its return value may be any object holding tensors: the object made
+    during the capture is returned by every call, its tensors refreshed in place by the replay, so a
+    result is valid until the next call.
+
+    Keep `fn` free of references back to its owner: a graph caught in a reference cycle is destroyed
+    whenever the garbage collector runs, possibly in the middle of another capture, which then fails.
+    """
+
+    def __init__(self, fn: Callable[[], Output]):
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: Output | None = None
+
+    def __call__(self) -> Output:
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.output
+
+    def _capture(self) -> None:
+        # Capture happens on a side stream, after the device is idle (pending frees of the caching
+        # allocator would otherwise be queried during the capture). `torch.cuda.graph(...)` would also
+        # collect garbage and empty the allocator's cache, which on a busy Python heap costs more than a
+        # whole short `generate` call and is not needed here.
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            self.fn()
+            graph.capture_begin()
+            try:
+                self.output = self.fn()
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = graph
+
+
+class StaticInputs:
+    """Named tensors at fixed addresses; `update(name=tensor, ...)` copies new values in."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        self.tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def update(self, **tensors: torch.Tensor) -> None:
+        for name, tensor in tensors.items():
+            self.tensors[name].copy_(tensor)
