@@ -22,7 +22,8 @@ MAX_KEPT_ENTRIES = 512  # P: all entries of a program stay in registers at once
 TILE_ELEMENTS = 8192  # BLOCK_P * BLOCK_D: a few registers per thread
 
 
-@triton.jit
+# The cache size varies with every prompt: no specialisation on it, so no recompilation.
+@triton.jit(do_not_specialize=["num_kept", "num_slots", "num_scratch"])
 def _compact_kv_kernel(
     KV, Scratch, Source_index, Dest_start,
     num_kv_heads, num_kept, num_slots, num_scratch,

@@ -58,7 +58,9 @@ def _online_softmax_step(acc, row_max, row_sum, scores, value, qk_scale_log2,
     return acc, new_max, row_sum
 
 
-@triton.jit
+# Sizes that change from call to call (a longer cache gets more splits) are not specialised on, so a
+# new prompt length does not compile the kernel again.
+@triton.jit(do_not_specialize=["num_queries", "num_tree", "num_splits"])
 def _prefix_tree_attention_kernel(
     Q, K_prefix, V_prefix, Prefix_start, Prefix_end, K_tree, V_tree, Tree_mask,
     Out, Lse, Out_partial, Lse_partial,
@@ -192,7 +194,7 @@ def _prefix_tree_attention_kernel(
         tl.store(Lse_partial + partial_row, lse_log2, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_queries", "num_splits"])
 def _merge_splits_kernel(
     Out_partial, Lse_partial, Out, Lse,
     stride_ob, stride_oh, stride_ot, stride_od,
