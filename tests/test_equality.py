@@ -57,8 +57,12 @@ def test_random_cases_match_plain_generate(arch):
                 kwargs["eos_token_id"] = eos if len(eos) > 1 else eos[0]
                 reference = target.generate(ids, **kwargs)
         stats = LongSpecStats()
-        output = target.generate(ids, assistant_model=draft, tree_widths=widths, longspec_stats=stats, **kwargs)
+        # cuda_graphs=True runs the fixed-shape (graph-ready) steps, eagerly on CPU; False the plain loop.
+        graphs = case % 2 == 0
+        output = target.generate(
+            ids, assistant_model=draft, tree_widths=widths, longspec_stats=stats, cuda_graphs=graphs, **kwargs
+        )
         if not torch.equal(reference, output):
-            mismatches.append((case, batch_size, prompt_len, max_new_tokens, widths, kwargs.get("eos_token_id")))
+            mismatches.append((case, batch_size, prompt_len, max_new_tokens, widths, kwargs.get("eos_token_id"), graphs))
         assert stats.rounds >= 0
     assert not mismatches, f"{len(mismatches)} of {cases} cases differ: {mismatches[:5]}"

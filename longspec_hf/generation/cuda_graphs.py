@@ -31,16 +31,22 @@ class GraphedCall(Generic[Output]):
     during the capture is returned by every call, its tensors refreshed in place by the replay, so a
     result is valid until the next call.
 
+    With `capture=False` (tensors not on a CUDA device) every call simply runs `fn`: the fixed-shape
+    steps then run eagerly, which keeps that code path testable on CPU.
+
     Keep `fn` free of references back to its owner: a graph caught in a reference cycle is destroyed
     whenever the garbage collector runs, possibly in the middle of another capture, which then fails.
     """
 
-    def __init__(self, fn: Callable[[], Output]):
+    def __init__(self, fn: Callable[[], Output], capture: bool = True):
         self.fn = fn
+        self.capture = capture
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: Output | None = None
 
     def __call__(self) -> Output:
+        if not self.capture:
+            return self.fn()
         if self.graph is None:
             self._capture()
         self.graph.replay()

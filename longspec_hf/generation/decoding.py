@@ -223,7 +223,8 @@ def longspec_decode(
     row's suffix where it occurred before (`retrieval.py`): the tree then has at most
     `1 + sum(tree_widths) + K * branch_length` nodes, dummies included, in every round. `adaptive` pauses
     the draft while it does not pay (`adaptive.py`). `cuda_graphs` replays the verify forward and the
-    greedy draft from CUDA graphs on a CUDA target (`cuda_graphs.py`).
+    greedy draft from CUDA graphs on a CUDA target (`cuda_graphs.py`); elsewhere the same fixed-shape
+    steps run eagerly. `cuda_graphs=False` runs the plain eager loop.
     """
     batch_size, prompt_len = input_ids.shape
     device = input_ids.device
@@ -306,10 +307,11 @@ def longspec_decode(
 
         drafter = LongSpecCandidateGenerator(draft, target, tree_widths, batch_size, cache.target_kv)
         policy = AdaptiveDrafting() if adaptive and tree_widths else None
-        use_graphs = cuda_graphs and device.type == "cuda"
+        # Off CUDA the same fixed-shape steps run eagerly (GraphedCall(capture=False)).
+        use_graphs, capture = cuda_graphs, device.type == "cuda"
         # Greedy decoding without logits processors accepts inside the verify graph too.
         accept_in_graph = not do_sample and len(logits_processor) == 0
-        verify = _GraphedVerify(target, cache, accept_in_graph) if use_graphs else None
+        verify = _GraphedVerify(target, cache, accept_in_graph, capture) if use_graphs else None
         draft_graph: GraphedCall[DraftTree] | None = None
         # The draft ring's lag: at most how many tokens a row gained since the draft last ran (the
         # prompt and the first token before the first round). Known on the host, so no sync is needed.
@@ -337,7 +339,8 @@ def longspec_decode(
                     draft_graph = GraphedCall(
                         functools.partial(
                             drafter.propose_tree, tokens, seq_len, pad_start, new_tokens_bound=round_gain_limit
-                        )
+                        ),
+                        capture,
                     )
                 tree = draft_graph()
             else:
@@ -435,12 +438,14 @@ class _GraphedVerify:
     Args:
         target, cache: the model being decoded and its LongSpec cache.
         accept: also run greedy acceptance in the graph (greedy decoding without logits processors).
+        capture: capture CUDA graphs (False: run the same steps eagerly).
     """
 
-    def __init__(self, target: PreTrainedModel, cache: LongSpecCache, accept: bool):
+    def __init__(self, target: PreTrainedModel, cache: LongSpecCache, accept: bool, capture: bool = True):
         self.target = target
         self.cache = cache
         self.accept = accept
+        self.capture = capture
         self.graphs: dict[tuple[int, ...], tuple[StaticInputs, GraphedCall]] = {}
 
     def __call__(self, tree: DraftTree, positions: torch.Tensor) -> tuple[torch.Tensor, GreedyAcceptance | None]:
@@ -461,7 +466,8 @@ class _GraphedVerify:
             call = GraphedCall(
                 functools.partial(
                     _verify_and_accept, self.target, self.cache, static_tree, inputs["positions"], self.accept
-                )
+                ),
+                self.capture,
             )
             self.graphs[shape] = (inputs, call)
         inputs, call = self.graphs[shape]
