@@ -171,16 +171,22 @@ SWEEP_CONFIGS = {
     "m64_n64_w4_s3": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "m64_n128_w4_s3": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
     "m256_n64_w8_s2": dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=2),
+    # One row block for all 4 x 64 folded rows of a KV head: K/V is read once per split.
+    "m256_n64_w16_s2": dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=2),
+    "m256_n64_w16_s3": dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3),
+    "m256_n32_w8_s3": dict(BLOCK_M=256, BLOCK_N=32, num_warps=8, num_stages=3),
+    "m256_n32_w16_s4": dict(BLOCK_M=256, BLOCK_N=32, num_warps=16, num_stages=4),
+    "m128_n32_w4_s4": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
 }
 SWEEP_POINTS = [("Llama-3-8B", 32768, 64), ("Llama-3-8B", 131072, 64), ("Llama-3-8B", 131072, 16),
                 ("Llama-3-8B", 131072, 128), ("Qwen2.5-7B", 131072, 64), ("SmolLM2-135M", 131072, 64),
                 ("Llama-3-8B", 4096, 64)]
 
 
-def sweep(bandwidth):
+def sweep(bandwidth, points=SWEEP_POINTS):
     """Fused-kernel time per tile configuration and split count (x1, x2 the default) at a few points."""
     rows = []
-    for layout, context, num_tree in SWEEP_POINTS:
+    for layout, context, num_tree in points:
         num_copies = copies_for(layer_kv_bytes(layout, context, num_tree))
         copies = [make_case(layout, context, num_tree, i) for i in range(num_copies)]
         floor = layer_kv_bytes(layout, context, num_tree) / bandwidth / 1e6
@@ -210,6 +216,8 @@ def main():
     parser.add_argument("--trees", default="16,64,128")
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-points", default=None,
+                        help="LAYOUT:CONTEXT:TREE,... instead of the default sweep points")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -220,9 +228,12 @@ def main():
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, copy_bandwidth_gbs=bandwidth, rows=[])
     if args.sweep:
-        result["sweep"] = sweep(bandwidth)
+        points = SWEEP_POINTS
+        if args.sweep_points:
+            points = [(p.split(":")[0], int(p.split(":")[1]), int(p.split(":")[2])) for p in args.sweep_points.split(",")]
+        result["sweep"] = sweep(bandwidth, points)
     for layout in args.layouts.split(","):
-        for context in map(int, args.contexts.split(",")):
+        for context in map(int, filter(None, args.contexts.split(","))):
             for num_tree in map(int, args.trees.split(",")):
                 row = bench_point(layout, context, num_tree, bandwidth, seed=context + num_tree)
                 result["rows"].append(row)
