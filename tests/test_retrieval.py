@@ -9,8 +9,8 @@ import torch
 
 from longspec_hf import LongSpecStats
 from longspec_hf.generation.adaptive import AdaptiveDrafting
-from longspec_hf.generation.retrieval import find_continuations
-from longspec_hf.generation.tree import DraftTree, accept_greedy
+from longspec_hf.generation.retrieval import CANDIDATES_PER_BRANCH, NgramIndex, find_continuations
+from longspec_hf.generation.tree import ChainLayout, DraftTree, accept_greedy
 
 from .conftest import make_draft, make_target
 from .test_equality import eos_inside_generation
@@ -27,6 +27,59 @@ def test_continuations_are_the_tokens_after_earlier_occurrences_of_the_suffix():
     # Row 1 ends in "7 5 6": its earlier occurrence continues "7 5 6" (then the text ends); "5 6" adds "7 5 6 7".
     assert chains[1, :2].tolist() == [[7, 5, 6, 0], [7, 5, 6, 7]]
     assert found[1].sum(dim=1).tolist() == [3, 4, 0]
+
+
+def brute_force_continuations(text: list[int], num_branches: int, length: int, max_ngram: int = 3):
+    """The documented ranking, computed directly: every continuation start scored by its longest
+    matching suffix, then by recency; the first K*CANDIDATES_PER_BRANCH considered."""
+    size = len(text)
+    scored = []
+    for begin in range(1, size):
+        matched = [n for n in range(1, max_ngram + 1) if n <= begin and text[begin - n : begin] == text[size - n :]]
+        if matched:
+            scored.append((max(matched), begin))
+    scored.sort(reverse=True)
+    chosen = []
+    for _, begin in scored[: num_branches * CANDIDATES_PER_BRANCH]:
+        chain = text[begin : begin + length]
+        if not any(c[: len(chain)] == chain for c in chosen):
+            chosen.append(chain)
+        if len(chosen) == num_branches:
+            break
+    return chosen
+
+
+def test_ngram_index_matches_the_brute_force_ranking_while_it_grows():
+    rng = random.Random("ngram-index")
+    for _ in range(200):
+        vocab = rng.choice([2, 3, 5, 20])
+        text = [rng.randrange(vocab) for _ in range(rng.randrange(1, 60))]
+        index = NgramIndex([text[:1]])
+        for end in range(2, len(text) + 1):
+            index.extend(0, text[end - 1 : end])
+            num_branches, length = rng.choice([1, 2, 4]), rng.choice([1, 3, 6])
+            assert index.continuations(0, num_branches, length) == brute_force_continuations(
+                text[:end], num_branches, length
+            )
+
+
+def test_chain_layout_merges_like_the_reference_walk():
+    """The precomputed layout gives every node the parent, depth and ancestors its chain position implies."""
+    tree = DraftTree.root_only(torch.tensor([3]))
+    tree.add_level(torch.tensor([[10, 11]]), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2))
+    layout = ChainLayout.build(tree.level_sizes, num_chains=2, length=3, device=torch.device("cpu"))
+    merged = layout.merge(tree, torch.tensor([[[30, 31, 32], [40, 41, 42]]]))
+    assert merged.level_sizes == [4, 2, 2]
+    assert merged.tokens.tolist() == [[3, 10, 11, 30, 40, 31, 41, 32, 42]]
+    for node in range(1, merged.num_nodes):
+        path, walker = [], node
+        while walker != 0:
+            path.append(walker)
+            walker = int(merged.parents[0, walker])
+        assert merged.depths[node] == len(path)
+        assert sorted(merged.ancestors[0, node].nonzero()[:, 0].tolist()) == sorted(path + [0])
+    with pytest.raises(ValueError):
+        layout.merge(merged, torch.zeros(1, 2, 3, dtype=torch.long))
 
 
 def test_chains_join_the_tree_level_by_level():

@@ -35,9 +35,9 @@ from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator
 from .cuda_graphs import GraphedCall, StaticInputs
 from .processing import SCORES_ONLY_PROCESSORS, tree_scores
-from .retrieval import branch_length, find_continuations
+from .retrieval import NgramIndex, branch_length
 from .sampling import resolve_sampling_rule
-from .tree import DraftTree, GreedyAcceptance, accept_greedy
+from .tree import ChainLayout, DraftTree, GreedyAcceptance, accept_greedy
 
 
 @dataclass
@@ -302,7 +302,8 @@ def longspec_decode(
         else:
             first = scores.argmax(dim=-1)
         tokens[:, prompt_len] = first[:, 0]
-        output.add(first.tolist(), [1] * batch_size, tokens, seq_len, scores, logits)
+        first_tokens = first.tolist()
+        output.add(first_tokens, [1] * batch_size, tokens, seq_len, scores, logits)
         seq_len += 1
 
         drafter = LongSpecCandidateGenerator(draft, target, tree_widths, batch_size, cache.target_kv)
@@ -321,6 +322,12 @@ def longspec_decode(
         committed_host = [prompt_len] * batch_size
         active_rows = [True] * batch_size
         active = torch.ones(batch_size, dtype=torch.bool, device=device)
+        # Prompt lookup: every row's n-grams on the host, extended with each round's tokens.
+        lookup = None
+        chain_layouts: dict[tuple[int, ...], ChainLayout] = {}
+        if prompt_lookup_branches > 0:
+            prompts = [row[start:] for row, start in zip(input_ids.tolist(), pad_start.tolist())]
+            lookup = NgramIndex([prompt + first_row for prompt, first_row in zip(prompts, first_tokens)])
         while not output.all_done:
             drafted = bool(tree_widths) and (policy is None or policy.draft_this_round())
             if not drafted:
@@ -345,11 +352,14 @@ def longspec_decode(
                 tree = draft_graph()
             else:
                 tree = drafter.propose_tree(tokens, seq_len, pad_start, new_tokens_bound=ring_lag)
-            if prompt_lookup_branches > 0:
-                chains, _ = find_continuations(
-                    tokens, seq_len, pad_start, prompt_lookup_branches, chain_length, filler=pad_token_id
-                )
-                tree = tree.add_chains(chains)
+            if lookup is not None:
+                chains = lookup.chains(prompt_lookup_branches, chain_length, filler=pad_token_id)
+                shape = tuple(tree.level_sizes)  # the draft's tree, or the root alone (adaptive)
+                if shape not in chain_layouts:
+                    chain_layouts[shape] = ChainLayout.build(
+                        tree.level_sizes, prompt_lookup_branches, chain_length, device
+                    )
+                tree = chain_layouts[shape].merge(tree, torch.tensor(chains, device=device))
             positions = (seq_len - 1 - pad_start)[:, None] + tree.depths[None, :]
             cache.begin_tree(tree.num_nodes)
             if verify is not None:
@@ -388,6 +398,9 @@ def longspec_decode(
             node_logits = _at_path(logits, acceptance.path) if output.logits is not None else None
             new_tokens_host = [row[1 : 1 + path_width] for row in host_rows]
             taken = output.add(new_tokens_host, gained_host, tokens, seq_len, node_scores, node_logits)
+            if lookup is not None:
+                for row, (row_tokens, count) in enumerate(zip(new_tokens_host, taken)):
+                    lookup.extend(row, row_tokens[:count])
             stats.rounds += 1
             stats.drafted_rounds += int(drafted)
             gained_active = [g for g, a in zip(gained_host, active_rows) if a]

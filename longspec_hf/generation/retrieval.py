@@ -2,9 +2,10 @@
 
 Long prompts repeat themselves (code, tool output, documents quoted back), and so does generated text.
 When the last `n` tokens of a row occurred before, the tokens that followed them then are a likely
-continuation now, found with no model at all. [`find_continuations`] returns a few such continuations
-per row; the decoding loop hangs them under the root of the draft tree as extra chains
-(`tree.add_chains`), and the target verifies them in the same forward as the draft's nodes.
+continuation now, found with no model at all. [`NgramIndex`] keeps every row's n-grams on the host
+and returns a few such continuations per row; the decoding loop hangs them under the root of the draft
+tree as extra chains (`tree.ChainLayout`), and the target verifies them in the same forward as the
+draft's nodes.
 
 Every row gets the same number of chains of the same length, so the tree keeps one shape per call. Rows
 that find fewer continuations (or shorter ones, near the end of the text) fill the rest with dummy
@@ -31,6 +32,74 @@ def branch_length(num_draft_levels: int) -> int:
     return max(4, num_draft_levels + 2)
 
 
+class NgramIndex:
+    """Every row's n-grams (`n = 1..max_ngram`) with the positions they start at, kept on the host.
+
+    The decoding loop extends it with each round's committed tokens (which it has on the host anyway),
+    so finding a row's continuations is a few dictionary lookups: no device work and no host sync.
+
+    Args:
+        rows: each row's tokens so far (its prompt, without padding).
+        max_ngram: longest suffix matched.
+    """
+
+    def __init__(self, rows: list[list[int]], max_ngram: int = DEFAULT_MAX_NGRAM):
+        self.max_ngram = max_ngram
+        self.texts: list[list[int]] = [[] for _ in rows]
+        self.starts: list[dict[tuple[int, ...], list[int]]] = [{} for _ in rows]
+        for row, tokens in enumerate(rows):
+            self.extend(row, tokens)
+
+    def extend(self, row: int, tokens: list[int]) -> None:
+        """Append `tokens` to row `row`."""
+        text, starts = self.texts[row], self.starts[row]
+        for token in tokens:
+            text.append(token)
+            end = len(text)
+            for n in range(1, min(self.max_ngram, end) + 1):
+                starts.setdefault(tuple(text[end - n :]), []).append(end - n)
+
+    def continuations(self, row: int, num_branches: int, length: int) -> list[list[int]]:
+        """Up to `num_branches` distinct continuations (at most `length` tokens each) of the row's suffix.
+
+        Candidates are ranked by the length of the matched suffix (`max_ngram` down to 1), then by
+        recency (a later occurrence first); an occurrence must be followed by at least one token. Of the
+        first `num_branches * CANDIDATES_PER_BRANCH` candidates, those that equal or are a prefix of an
+        already chosen continuation are skipped.
+        """
+        text, starts = self.texts[row], self.starts[row]
+        size = len(text)
+        candidates: list[int] = []  # continuation starts, best first
+        seen: set[int] = set()
+        wanted = num_branches * CANDIDATES_PER_BRANCH
+        for n in range(min(self.max_ngram, size), 0, -1):
+            for start in reversed(starts.get(tuple(text[size - n :]), ())):
+                begin = start + n
+                if begin < size and begin not in seen:
+                    seen.add(begin)
+                    candidates.append(begin)
+            if len(candidates) >= wanted:
+                break
+        chosen: list[list[int]] = []
+        for begin in candidates[:wanted]:
+            chain = text[begin : begin + length]
+            if any(c[: len(chain)] == chain for c in chosen):
+                continue
+            chosen.append(chain)
+            if len(chosen) == num_branches:
+                break
+        return chosen
+
+    def chains(self, num_branches: int, length: int, filler: int) -> list[list[list[int]]]:
+        """`(B, K, L)` nested lists: every row's continuations, dummies (`filler`) where none were found."""
+        padded = []
+        for row in range(len(self.texts)):
+            found = self.continuations(row, num_branches, length)
+            found += [[]] * (num_branches - len(found))
+            padded.append([chain + [filler] * (length - len(chain)) for chain in found])
+        return padded
+
+
 def find_continuations(
     tokens: torch.Tensor,
     seq_len: torch.Tensor,
@@ -40,11 +109,7 @@ def find_continuations(
     max_ngram: int = DEFAULT_MAX_NGRAM,
     filler: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to `num_branches` distinct continuations of each row's suffix, longest suffix match first.
-
-    Candidates are ranked by the length of the matched suffix (`max_ngram` down to 1), then by recency
-    (a later occurrence first). Continuations that equal or are a prefix of an already chosen one are
-    skipped.
+    """[`NgramIndex.continuations`] of every row of a token buffer, as tensors.
 
     Args:
         tokens: `(B, S)` token buffer; row `b` is `tokens[b, pad_start[b]:seq_len[b]]`.
@@ -59,49 +124,12 @@ def find_continuations(
         `(chains, found)`, both `(B, K, L)`: the continuation tokens, and whether each is a real
         retrieved token (False: a dummy filling a missing or short continuation).
     """
-    batch = tokens.shape[0]
-    device = tokens.device
-    width = int(seq_len.max())
-    buffer = tokens[:, :width]
-    positions = torch.arange(width, device=device)
-    # score = n * (width + 1) + start: longer suffix first, then the later occurrence; -1 for no match.
-    scores = torch.full((batch, width), -1, dtype=torch.long, device=device)
-    for n in range(max_ngram, 0, -1):
-        if width <= n:
-            continue
-        suffix = tokens.gather(1, (seq_len[:, None] - n + torch.arange(n, device=device)).clamp(min=0))
-        starts = positions[: width - n]
-        match = torch.ones(batch, width - n, dtype=torch.bool, device=device)
-        for k in range(n):
-            match &= buffer[:, k : width - n + k] == suffix[:, k : k + 1]
-        # The occurrence must lie in the row's text and be followed by at least one token; the suffix
-        # itself must lie in the row too.
-        match &= (starts[None, :] >= pad_start[:, None]) & (starts[None, :] + n < seq_len[:, None])
-        match &= (seq_len - n >= pad_start)[:, None]
-        # A continuation start is scored by its longest suffix match only (shorter n come later).
-        continuation = starts + n
-        candidate = torch.where(match, n * (width + 1) + starts[None, :], -1)
-        scores.scatter_reduce_(1, continuation[None, :].expand(batch, -1), candidate, reduce="amax")
-    count = min(width, num_branches * CANDIDATES_PER_BRANCH)
-    best, start = scores.topk(count, dim=1)
-    offsets = torch.arange(length, device=device)
-    spans = start[..., None] + offsets  # (B, count, L)
-    in_text = (best[..., None] >= 0) & (spans < seq_len[:, None, None])
-    span_tokens = tokens.gather(1, spans.clamp(max=tokens.shape[1] - 1).reshape(batch, -1)).view_as(spans)
-
-    chains = torch.full((batch, num_branches, length), filler, dtype=tokens.dtype, device=device)
-    found = torch.zeros(batch, num_branches, length, dtype=torch.bool, device=device)
-    # Picking distinct continuations is a small Python step over (B, count, L) candidates.
-    for row, (row_tokens, row_valid) in enumerate(zip(span_tokens.tolist(), in_text.tolist())):
-        chosen: list[tuple[int, ...]] = []
-        for candidate_tokens, valid in zip(row_tokens, row_valid):
-            chain = tuple(t for t, v in zip(candidate_tokens, valid) if v)
-            if not chain or any(c[: len(chain)] == chain for c in chosen):
-                continue
-            chosen.append(chain)
-            if len(chosen) == num_branches:
-                break
-        for branch, chain in enumerate(chosen):
+    rows = [row[start:end] for row, start, end in zip(tokens.tolist(), pad_start.tolist(), seq_len.tolist())]
+    index = NgramIndex(rows, max_ngram)
+    chains = torch.full((len(rows), num_branches, length), filler, dtype=tokens.dtype)
+    found = torch.zeros(len(rows), num_branches, length, dtype=torch.bool)
+    for row in range(len(rows)):
+        for branch, chain in enumerate(index.continuations(row, num_branches, length)):
             chains[row, branch, : len(chain)] = torch.tensor(chain, dtype=tokens.dtype)
             found[row, branch, : len(chain)] = True
-    return chains, found
+    return chains.to(tokens.device), found.to(tokens.device)

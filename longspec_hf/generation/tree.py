@@ -82,53 +82,120 @@ class DraftTree:
         self.level_sizes.append(size)
 
     def add_chains(self, chains: torch.Tensor) -> "DraftTree":
-        """A new tree with `K` chains of `L` tokens hung under the root, verified alongside the draft's nodes.
-
-        Level `d` of the new tree is this tree's level `d` followed by the `d`-th node of every chain, so
-        levels stay contiguous and equal in size across rows (the layout every consumer relies on) and the
-        draft's nodes keep their position within a level (which `draft_log_probs` is indexed by).
+        """A new tree with `K` chains of `L` tokens hung under the root (see [`ChainLayout`]).
 
         Args:
             chains: `(B, K, L)` tokens; chain `k` is the path root -> `chains[:, k, 0]` -> ... .
         """
-        batch, num_chains, length = chains.shape
-        device = chains.device
-        if self.retrieval is not None:
-            raise ValueError("add_chains is applied once per tree")
+        _, num_chains, length = chains.shape
         if num_chains == 0 or length == 0:
             return self
-        merged = DraftTree.root_only(self.tokens[:, 0])
-        merged.draft_log_probs = list(self.draft_log_probs)
-        is_chain = [torch.zeros(batch, 1, dtype=torch.bool, device=device)]
-        new_index = torch.zeros(batch, self.num_nodes, dtype=torch.long, device=device)  # old node -> new node
-        previous_chain_nodes = torch.zeros(batch, num_chains, dtype=torch.long, device=device)  # the root
-        for level in range(1, max(self.max_depth, length) + 1):
-            start = merged.num_nodes
-            tokens, parents, log_probs = [], [], []
-            if level <= self.max_depth:
-                nodes = self.level_slice(level)
-                size = nodes.stop - nodes.start
-                new_index[:, nodes] = start + torch.arange(size, device=device)
-                tokens.append(self.tokens[:, nodes])
-                parents.append(new_index.gather(1, self.parents[:, nodes]))
-                log_probs.append(self.log_probs[:, nodes])
-                is_chain.append(torch.zeros(batch, size, dtype=torch.bool, device=device))
-            if level <= length:
-                tokens.append(chains[:, :, level - 1])
-                parents.append(previous_chain_nodes)
-                log_probs.append(torch.zeros(batch, num_chains, device=device))
-                is_chain.append(torch.ones(batch, num_chains, dtype=torch.bool, device=device))
-                chain_start = start + sum(t.shape[1] for t in tokens[:-1])
-                previous_chain_nodes = chain_start + torch.arange(num_chains, device=device).expand(batch, -1)
-            merged.add_level(torch.cat(tokens, dim=1), torch.cat(parents, dim=1), torch.cat(log_probs, dim=1))
-        merged.retrieval = torch.cat(is_chain, dim=1)
-        return merged
+        return ChainLayout.build(self.level_sizes, num_chains, length, chains.device).merge(self, chains)
 
     def level_slice(self, level: int) -> slice:
         """Node indices of `level` (1-based; level 0 is the root)."""
         start = 1 + sum(self.level_sizes[: level - 1]) if level > 0 else 0
         size = self.level_sizes[level - 1] if level > 0 else 1
         return slice(start, start + size)
+
+
+@dataclass
+class ChainLayout:
+    """Where a draft tree's nodes and `K` prompt-lookup chains of `L` tokens go in the merged tree.
+
+    Level `d` of the merged tree is the draft tree's level `d` followed by the `d`-th node of every
+    chain, so levels stay contiguous and equal in size across rows (the layout every consumer relies
+    on) and the draft's nodes keep their position within a level (which `draft_log_probs` is indexed
+    by). The layout depends only on the shapes: built once per `generate` call, merging a round's
+    tree and chains is a handful of indexed copies with no host work, so it can run inside a CUDA graph.
+
+    Attributes:
+        draft_index: `(1 + N,)` merged index of each draft node (the root stays 0).
+        chain_index: `(K, L)` merged index of each chain node.
+        parents, depths, retrieval: `(M,)` of the merged tree; `parents` is right for chain nodes only
+            (draft nodes' parents differ per row and are mapped in `merge`).
+        ancestors: `(M, M)` ancestor mask of the chain nodes; rows of draft nodes are filled in `merge`.
+        level_sizes: the merged tree's level sizes.
+        draft_level_sizes: the level sizes of the draft trees it merges.
+    """
+
+    draft_index: torch.Tensor
+    chain_index: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    retrieval: torch.Tensor
+    ancestors: torch.Tensor
+    level_sizes: list[int]
+    draft_level_sizes: list[int]
+
+    @classmethod
+    def build(cls, draft_level_sizes: list[int], num_chains: int, length: int, device: torch.device) -> "ChainLayout":
+        draft_index = [0]
+        chain_index = [[0] * length for _ in range(num_chains)]
+        parents, depths, retrieval, level_sizes = [0], [0], [False], []
+        for level in range(1, max(len(draft_level_sizes), length) + 1):
+            size = 0
+            if level <= len(draft_level_sizes):
+                for _ in range(draft_level_sizes[level - 1]):
+                    draft_index.append(len(parents))
+                    parents.append(0)  # per row, set in merge
+                    depths.append(level)
+                    retrieval.append(False)
+                size += draft_level_sizes[level - 1]
+            if level <= length:
+                for chain in range(num_chains):
+                    chain_index[chain][level - 1] = len(parents)
+                    parents.append(chain_index[chain][level - 2] if level > 1 else 0)
+                    depths.append(level)
+                    retrieval.append(True)
+                size += num_chains
+            level_sizes.append(size)
+        ancestors = torch.zeros(len(parents), len(parents), dtype=torch.bool)
+        ancestors[0, 0] = True
+        for node, parent in enumerate(parents):
+            if retrieval[node]:
+                ancestors[node] = ancestors[parent]
+                ancestors[node, node] = True
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        return cls(
+            draft_index=as_long(draft_index),
+            chain_index=as_long(chain_index).reshape(num_chains, length),
+            parents=as_long(parents),
+            depths=as_long(depths),
+            retrieval=torch.tensor(retrieval, device=device),
+            ancestors=ancestors.to(device),
+            level_sizes=level_sizes,
+            draft_level_sizes=list(draft_level_sizes),
+        )
+
+    def merge(self, tree: DraftTree, chains: torch.Tensor) -> DraftTree:
+        """The merged tree of `tree` (a draft tree of `draft_level_sizes`) and `chains` `(B, K, L)`."""
+        if tree.retrieval is not None:
+            raise ValueError("add_chains is applied once per tree")
+        if tree.level_sizes != self.draft_level_sizes:
+            raise ValueError(f"tree levels {tree.level_sizes} do not match the layout's {self.draft_level_sizes}")
+        batch = tree.tokens.shape[0]
+        num_nodes = self.parents.shape[0]
+        draft = self.draft_index
+        tokens = tree.tokens.new_empty(batch, num_nodes)
+        tokens[:, draft] = tree.tokens
+        tokens[:, self.chain_index.reshape(-1)] = chains.reshape(batch, -1).to(tokens.dtype)
+        parents = self.parents.expand(batch, -1).clone()
+        parents[:, draft] = draft[tree.parents]
+        log_probs = tree.log_probs.new_zeros(batch, num_nodes)
+        log_probs[:, draft] = tree.log_probs
+        ancestors = self.ancestors.expand(batch, -1, -1).clone()
+        ancestors[:, draft[:, None], draft[None, :]] = tree.ancestors
+        return DraftTree(
+            tokens=tokens,
+            parents=parents,
+            depths=self.depths,
+            log_probs=log_probs,
+            ancestors=ancestors,
+            level_sizes=list(self.level_sizes),
+            draft_log_probs=list(tree.draft_log_probs),
+            retrieval=self.retrieval.expand(batch, -1),
+        )
 
 
 def expand_level(
