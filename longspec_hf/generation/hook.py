@@ -4,9 +4,9 @@ Two class-level wrappers on `GenerationMixin`, installed once by `install()`:
 
 - `generate`: when the assistant is a [`LongSpecDraftModel`], checks the target, the draft and the
   generation arguments before any forward pass and takes the LongSpec-only keywords (`tree_widths`,
-  `longspec_stats`, `sampling_rule`, `prompt_lookup_branches` (default 0: off, until its speed is
-  measured on a GPU), `adaptive` (default False), `cuda_graphs` (default True; CUDA targets only)); then transformers' own `generate` prepares the generation config, logits
-  processors and stopping criteria as usual.
+  `longspec_stats`, `sampling_rule`, `prompt_lookup_branches` (default 0: off), `adaptive` (default
+  False), `cuda_graphs` (default True)); then transformers' own `generate` prepares the generation
+  config, logits processors and stopping criteria as usual.
 - `_assisted_decoding`: where transformers would run its assisted loop, runs `longspec_decode` instead
   for a LongSpec draft.
 
