@@ -33,11 +33,13 @@ from .adaptive import AdaptiveDrafting
 from .attention import LongSpecAttentionInputs, longspec_attention
 from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator
-from .cuda_graphs import GraphedCall, StaticInputs
+from .cuda_graphs import GraphedCall
+from .output import OutputCollector
 from .processing import SCORES_ONLY_PROCESSORS, tree_scores
 from .retrieval import NgramIndex, branch_length
 from .sampling import resolve_sampling_rule
-from .tree import ChainLayout, DraftTree, GreedyAcceptance, accept_greedy
+from .tree import ChainLayout, DraftTree, accept_greedy
+from .verify import GraphedVerify, verify_logits
 
 
 @dataclass
@@ -90,112 +92,6 @@ def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     return pad_start
 
 
-class _Output:
-    """Collects each row's generated tokens and applies max length, EOS and stopping criteria per token."""
-
-    def __init__(
-        self,
-        batch_size: int,
-        max_new_tokens: int,
-        eos_token_ids: set[int],
-        stopping_criteria: StoppingCriteriaList,
-        keep_scores: bool,
-        keep_logits: bool,
-        streamer,
-        pad_token_id: int,
-    ):
-        self.max_new_tokens = max_new_tokens
-        self.eos_token_ids = eos_token_ids
-        self.stopping_criteria = stopping_criteria
-        self.tokens: list[list[int]] = [[] for _ in range(batch_size)]
-        self.scores: list[list[torch.Tensor]] | None = [[] for _ in range(batch_size)] if keep_scores else None
-        self.logits: list[list[torch.Tensor]] | None = [[] for _ in range(batch_size)] if keep_logits else None
-        self.done = [False] * batch_size
-        self.streamer = streamer
-        self.pad_token_id = pad_token_id
-        self.streamed = 0
-
-    @property
-    def all_done(self) -> bool:
-        return all(self.done)
-
-    def add(
-        self,
-        new_tokens: list[list[int]],
-        counts: list[int],
-        buffer: torch.Tensor,
-        seq_len: torch.Tensor,
-        scores: torch.Tensor | None,
-        logits: torch.Tensor | None,
-    ) -> list[int]:
-        """Take up to `counts[b]` tokens of `new_tokens[b]` for every row not done; return how many each took.
-
-        `buffer[b, seq_len[b]:]` must already hold the new tokens (stopping criteria read the sequence).
-        `scores`/`logits` are `(B, P, V)`, the values at which each new token was chosen.
-        """
-        taken = [0] * len(self.tokens)
-        for row, (row_tokens, count) in enumerate(zip(new_tokens, counts)):
-            for j in range(count if not self.done[row] else 0):
-                token = row_tokens[j]
-                self.tokens[row].append(token)
-                taken[row] += 1
-                if self.scores is not None:
-                    self.scores[row].append(scores[row, j])
-                if self.logits is not None:
-                    self.logits[row].append(logits[row, j])
-                if token in self.eos_token_ids or len(self.tokens[row]) >= self.max_new_tokens:
-                    self.done[row] = True
-                elif len(self.stopping_criteria) > 0:
-                    length = int(seq_len[row]) + j + 1
-                    row_scores = scores[row, j][None] if scores is not None else None
-                    if bool(self.stopping_criteria(buffer[row : row + 1, :length], row_scores).any()):
-                        self.done[row] = True
-                if self.done[row]:
-                    break
-        self._stream()
-        return taken
-
-    def _stream(self, final: bool = False) -> None:
-        """Give the streamer every token position that all rows have reached (in order, once).
-
-        Batches go out one `(B,)` column per step, as transformers' own loop sends them; a finished row
-        contributes its padding.
-        """
-        if self.streamer is None:
-            return
-        if len(self.tokens) == 1:
-            fresh = self.tokens[0][self.streamed :]
-            if fresh:
-                self.streamer.put(torch.tensor(fresh))
-                self.streamed += len(fresh)
-            return
-        longest = max(len(t) for t in self.tokens)
-        ready = longest if final else min(len(t) if not d else longest for t, d in zip(self.tokens, self.done))
-        while self.streamed < ready:
-            column = [t[self.streamed] if self.streamed < len(t) else self.pad_token_id for t in self.tokens]
-            self.streamer.put(torch.tensor(column))
-            self.streamed += 1
-
-    def sequences(self, input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
-        width = max(len(t) for t in self.tokens)
-        generated = torch.full((len(self.tokens), width), pad_token_id, dtype=input_ids.dtype)
-        for row, row_tokens in enumerate(self.tokens):
-            generated[row, : len(row_tokens)] = torch.tensor(row_tokens, dtype=input_ids.dtype)
-        return torch.cat([input_ids, generated.to(input_ids.device)], dim=1)
-
-    @staticmethod
-    def per_step(rows: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-        """Per-row lists of `(V,)` tensors -> one `(B, V)` tensor per step; rows already finished get zeros."""
-        width = max(len(r) for r in rows)
-        reference = next(r[0] for r in rows if r)
-        steps = []
-        for step in range(width):
-            steps.append(
-                torch.stack([r[step] if step < len(r) else torch.zeros_like(reference) for r in rows])
-            )
-        return tuple(steps)
-
-
 @torch.no_grad()
 def longspec_decode(
     target: PreTrainedModel,
@@ -242,7 +138,7 @@ def longspec_decode(
         [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
     )
     return_dict = generation_config.return_dict_in_generate
-    output = _Output(
+    output = OutputCollector(
         batch_size,
         max_new_tokens,
         eos_token_ids,
@@ -261,7 +157,7 @@ def longspec_decode(
         else None
     )
     if max_new_tokens <= 0:
-        return _finish(output, input_ids, pad_token_id, return_dict, streamer)
+        return output.finish(input_ids, return_dict)
 
     chain_length = branch_length(len(tree_widths)) if prompt_lookup_branches > 0 else 0
     num_tree_nodes = 1 + sum(tree_widths) + prompt_lookup_branches * chain_length
@@ -312,7 +208,7 @@ def longspec_decode(
         use_graphs, capture = cuda_graphs, device.type == "cuda"
         # Greedy decoding without logits processors accepts inside the verify graph too.
         accept_in_graph = not do_sample and len(logits_processor) == 0
-        verify = _GraphedVerify(target, cache, accept_in_graph, capture) if use_graphs else None
+        verify = GraphedVerify(target, cache, accept_in_graph, capture) if use_graphs else None
         draft_graph: GraphedCall[DraftTree] | None = None
         # The draft ring's lag: at most how many tokens a row gained since the draft last ran (the
         # prompt and the first token before the first round). Known on the host, so no sync is needed.
@@ -365,7 +261,7 @@ def longspec_decode(
             if verify is not None:
                 logits, acceptance = verify(tree, positions)
             else:
-                logits, acceptance = _verify_logits(target, cache, tree.tokens, positions, tree.ancestors), None
+                logits, acceptance = verify_logits(target, cache, tree.tokens, positions, tree.ancestors), None
             scores = None
             if acceptance is None or output.scores is not None:
                 scores = tree_scores(logits, logits_processor, tokens, seq_len, tree)
@@ -415,91 +311,9 @@ def longspec_decode(
             ring_lag = (0 if drafted else ring_lag) + max(taken)
     draft.last_stats = stats
     draft.last_draft_cache_nbytes = drafter.cache.nbytes()
-    return _finish(output, input_ids, pad_token_id, return_dict, streamer)
-
-
-def _verify_logits(
-    target: PreTrainedModel,
-    cache: LongSpecCache,
-    tree_tokens: torch.Tensor,
-    positions: torch.Tensor,
-    tree_mask: torch.Tensor,
-) -> torch.Tensor:
-    """`(B, 1 + N, V)` target logits at every node; the nodes' K/V land in the cache's tree scratch."""
-    return target(
-        input_ids=tree_tokens,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=0,
-        longspec=LongSpecAttentionInputs(cache, tree_mask=tree_mask),
-    ).logits
-
-
-def _verify_and_accept(
-    target: PreTrainedModel, cache: LongSpecCache, tree: DraftTree, positions: torch.Tensor, accept: bool
-) -> tuple[torch.Tensor, GreedyAcceptance | None]:
-    """The target's logits at every node and, when `accept`, the greedy acceptance of the raw logits."""
-    logits = _verify_logits(target, cache, tree.tokens, positions, tree.ancestors)
-    # argmax of the logits is the argmax of the float32 scores the eager path takes (the cast is exact).
-    return logits, accept_greedy(tree, logits.argmax(dim=-1)) if accept else None
-
-
-class _GraphedVerify:
-    """[`_verify_and_accept`] replayed from one CUDA graph per tree shape (adaptive drafting uses two).
-
-    Args:
-        target, cache: the model being decoded and its LongSpec cache.
-        accept: also run greedy acceptance in the graph (greedy decoding without logits processors).
-        capture: capture CUDA graphs (False: run the same steps eagerly).
-    """
-
-    def __init__(self, target: PreTrainedModel, cache: LongSpecCache, accept: bool, capture: bool = True):
-        self.target = target
-        self.cache = cache
-        self.accept = accept
-        self.capture = capture
-        self.graphs: dict[tuple[int, ...], tuple[StaticInputs, GraphedCall]] = {}
-
-    def __call__(self, tree: DraftTree, positions: torch.Tensor) -> tuple[torch.Tensor, GreedyAcceptance | None]:
-        inputs_now = dict(
-            tokens=tree.tokens, parents=tree.parents, depths=tree.depths, ancestors=tree.ancestors, positions=positions
-        )
-        shape = (tree.num_nodes, *tree.level_sizes)
-        if shape not in self.graphs:
-            inputs = StaticInputs(**inputs_now)
-            static_tree = DraftTree(
-                tokens=inputs["tokens"],
-                parents=inputs["parents"],
-                depths=inputs["depths"],
-                log_probs=tree.log_probs,  # not read by verification
-                ancestors=inputs["ancestors"],
-                level_sizes=list(tree.level_sizes),
-            )
-            call = GraphedCall(
-                functools.partial(
-                    _verify_and_accept, self.target, self.cache, static_tree, inputs["positions"], self.accept
-                ),
-                self.capture,
-            )
-            self.graphs[shape] = (inputs, call)
-        inputs, call = self.graphs[shape]
-        inputs.update(**inputs_now)
-        return call()
+    return output.finish(input_ids, return_dict)
 
 
 def _at_path(values: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
     """`(B, P, V)` rows of `values` `(B, 1 + N, V)` at the path's nodes."""
     return values.gather(1, path[..., None].expand(-1, -1, values.shape[-1])).float()
-
-
-def _finish(output: _Output, input_ids: torch.Tensor, pad_token_id: int, return_dict: bool, streamer):
-    if streamer is not None:
-        output._stream(final=True)
-        streamer.end()
-    sequences = output.sequences(input_ids, pad_token_id)
-    if not return_dict:
-        return sequences
-    scores = _Output.per_step(output.scores) if output.scores else None
-    logits = _Output.per_step(output.logits) if output.logits else None
-    return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits)
