@@ -6,7 +6,7 @@ and routes `generate(..., assistant_model=<LongSpecDraftModel>)` to LongSpec tre
 
 from transformers import AutoConfig, AutoModel
 
-from .generation import LongSpecCandidateGenerator, LongSpecStats
+from .generation import LongSpecCandidateGenerator, LongSpecStats, release_workspace
 from .generation.hook import install as _install_generate_hook
 from .modeling import LongSpecDraftConfig, LongSpecDraftModel
 
@@ -16,4 +16,11 @@ AutoConfig.register(LongSpecDraftConfig.model_type, LongSpecDraftConfig, exist_o
 AutoModel.register(LongSpecDraftConfig, LongSpecDraftModel, exist_ok=True)
 _install_generate_hook()
 
-__all__ = ["LongSpecCandidateGenerator", "LongSpecDraftConfig", "LongSpecDraftModel", "LongSpecStats", "__version__"]
+__all__ = [
+    "LongSpecCandidateGenerator",
+    "LongSpecDraftConfig",
+    "LongSpecDraftModel",
+    "LongSpecStats",
+    "__version__",
+    "release_workspace",
+]

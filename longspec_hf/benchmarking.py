@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
 from .generation import LongSpecStats
 from .modeling import LongSpecDraftModel
@@ -74,6 +75,16 @@ class Measurement:
     accepted_lengths: list[int] = field(default_factory=list)
 
 
+class StopAfter(StoppingCriteria):
+    """Stop every row once the sequence is `length` tokens long."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, device=input_ids.device)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,8 +120,16 @@ def run_benchmark(
                 if stats is not None:
                     kwargs["longspec_stats"] = stats
                 # An untimed short run on the same prompt first: first-use costs of new shapes (kernel
-                # selection, allocator growth) are paid once per prompt length in a server, not per call.
-                target.generate(ids, max_new_tokens=16, do_sample=False, **kwargs)
+                # selection, allocator growth, CUDA graph capture) are paid once per prompt length in a
+                # server, not per call. It asks for the same max_new_tokens (the same buffer sizes) and
+                # stops after 16 tokens.
+                target.generate(
+                    ids,
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    stopping_criteria=StoppingCriteriaList([StopAfter(ids.shape[1] + 16)]),
+                    **kwargs,
+                )
                 if stats is not None:
                     stats.reset()
                 _synchronize(device)

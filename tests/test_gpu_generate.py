@@ -93,3 +93,33 @@ def test_cuda_graphs_sampling_is_reproducible():
     assert torch.equal(outputs[0], outputs[1])
     # The graphs replay the same kernels and draw nothing: the eager loop draws the same tokens.
     assert torch.equal(outputs[0], outputs[2])
+
+
+def test_cuda_graphs_kept_between_calls_match_plain_generate():
+    """Calls that reuse the workspace (and its graphs) kept on the draft give plain generate's tokens
+    and draft exactly as a fresh workspace does."""
+    from longspec_hf import release_workspace
+    from longspec_hf.generation.workspace import ATTRIBUTE
+
+    rng = random.Random("cuda-graphs-kept")
+    target = make_target("llama", seed=21, num_key_value_heads=2, hidden_size=64, num_attention_heads=4).cuda()
+    draft = make_draft(target, seed=22).cuda()
+    longest = torch.randint(3, target.config.vocab_size, (2, 300), device="cuda")
+    target.generate(longest, assistant_model=draft, max_new_tokens=80, do_sample=False, prompt_lookup_branches=2)
+    workspace = draft.__dict__[ATTRIBUTE]
+    for case in range(10):
+        ids, mask = random_batch(rng, target.config.vocab_size, 2, rng.randrange(100, 300))
+        ids, mask = ids.cuda(), mask.cuda()
+        kwargs = dict(attention_mask=mask, max_new_tokens=rng.choice([9, 40, 80]), do_sample=False)
+        reference = target.generate(ids, **kwargs)
+        stats = LongSpecStats()
+        output = target.generate(ids, assistant_model=draft, prompt_lookup_branches=2, longspec_stats=stats, **kwargs)
+        assert torch.equal(reference, output), case
+        assert draft.__dict__[ATTRIBUTE] is workspace, case
+        release_workspace(draft)
+        fresh = LongSpecStats()
+        target.generate(ids, assistant_model=draft, prompt_lookup_branches=2, longspec_stats=fresh, **kwargs)
+        assert stats.accepted_lengths == fresh.accepted_lengths, case
+        release_workspace(draft)
+        target.generate(longest, assistant_model=draft, max_new_tokens=80, do_sample=False, prompt_lookup_branches=2)
+        workspace = draft.__dict__[ATTRIBUTE]

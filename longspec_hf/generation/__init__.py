@@ -5,6 +5,7 @@ from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator, target_kv_from_cache
 from .decoding import LongSpecStats, longspec_decode
 from .tree import DraftTree, accept_greedy
+from .workspace import release_workspace
 
 __all__ = [
     "DraftTree",
@@ -15,5 +16,6 @@ __all__ = [
     "accept_greedy",
     "longspec_attention",
     "longspec_decode",
+    "release_workspace",
     "target_kv_from_cache",
 ]

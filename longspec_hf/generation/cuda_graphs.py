@@ -13,6 +13,7 @@ The rest of a round (acceptance, compaction, output) stays eager: it is a few do
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -34,8 +35,8 @@ class GraphedCall(Generic[Output]):
     With `capture=False` (tensors not on a CUDA device) every call simply runs `fn`: the fixed-shape
     steps then run eagerly, which keeps that code path testable on CPU.
 
-    Keep `fn` free of references back to its owner: a graph caught in a reference cycle is destroyed
-    whenever the garbage collector runs, possibly in the middle of another capture, which then fails.
+    The garbage collector is off during a capture: a graph caught in an unreachable reference cycle
+    could otherwise be destroyed in the middle of another capture, which then fails.
     """
 
     def __init__(self, fn: Callable[[], Output], capture: bool = True):
@@ -58,6 +59,15 @@ class GraphedCall(Generic[Output]):
         # collect garbage and empty the allocator's cache, which on a busy Python heap costs more than a
         # whole short `generate` call and is not needed here.
         torch.cuda.synchronize()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture_on_side_stream()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _capture_on_side_stream(self) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()

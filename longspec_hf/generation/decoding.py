@@ -31,15 +31,14 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ..modeling import LongSpecDraftModel
 from .adaptive import AdaptiveDrafting
 from .attention import LongSpecAttentionInputs, longspec_attention
-from .cache import LongSpecCache
-from .candidate_generator import LongSpecCandidateGenerator
 from .cuda_graphs import GraphedCall
 from .output import OutputCollector
 from .processing import SCORES_ONLY_PROCESSORS, tree_scores
 from .retrieval import NgramIndex, branch_length
 from .sampling import resolve_sampling_rule
 from .tree import ChainLayout, DraftTree, accept_greedy
-from .verify import GraphedVerify, verify_logits
+from .verify import verify_logits
+from .workspace import acquire_workspace
 
 
 @dataclass
@@ -125,7 +124,6 @@ def longspec_decode(
     batch_size, prompt_len = input_ids.shape
     device = input_ids.device
     max_new_tokens = generation_config.max_length - prompt_len
-    text_config = target.config.get_text_config()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     pad_start = left_padding(attention_mask)
@@ -162,23 +160,28 @@ def longspec_decode(
     chain_length = branch_length(len(tree_widths)) if prompt_lookup_branches > 0 else 0
     num_tree_nodes = 1 + sum(tree_widths) + prompt_lookup_branches * chain_length
     max_depth = max(len(tree_widths), chain_length)
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     # Finished rows keep riding along in the batch: leave room for one more path past the last token.
     capacity = prompt_len + max_new_tokens + 2 * (max_depth + 1)
-    cache = LongSpecCache(
-        num_layers=text_config.num_hidden_layers,
-        batch_size=batch_size,
-        num_kv_heads=text_config.num_key_value_heads,
-        head_dim=head_dim,
-        capacity=capacity,
+    # Off CUDA the same fixed-shape steps run eagerly (GraphedCall(capture=False)).
+    use_graphs, capture = cuda_graphs, device.type == "cuda"
+    # Greedy decoding without logits processors accepts inside the verify graph too.
+    accept_in_graph = not do_sample and len(logits_processor) == 0
+    # Buffers and graphs at fixed addresses, kept on the draft for the next call of this shape.
+    workspace = acquire_workspace(
+        target,
+        draft,
+        input_ids,
+        tree_widths=list(tree_widths),
         max_tree_nodes=num_tree_nodes,
-        pad_start=pad_start,
-        device=device,
-        dtype=target.dtype,
+        capacity=capacity,
+        accept_in_graph=accept_in_graph,
+        capture=capture,
+        keep=use_graphs,
     )
-    tokens = torch.full((batch_size, capacity), pad_token_id, dtype=input_ids.dtype, device=device)
-    tokens[:, :prompt_len] = input_ids
-    seq_len = torch.full((batch_size,), prompt_len, dtype=torch.long, device=device)
+    workspace.start(input_ids, pad_start, pad_token_id)
+    cache, tokens, seq_len, pad_start = workspace.cache, workspace.tokens, workspace.seq_len, workspace.pad_start
+    drafter = workspace.drafter
+    draft.attach_target(target)
 
     with longspec_attention(target):
         # Prefill: the prompt's K/V become the committed prefix; its last logits give the first token.
@@ -202,14 +205,8 @@ def longspec_decode(
         output.add(first_tokens, [1] * batch_size, tokens, seq_len, scores, logits)
         seq_len += 1
 
-        drafter = LongSpecCandidateGenerator(draft, target, tree_widths, batch_size, cache.target_kv)
         policy = AdaptiveDrafting() if adaptive and tree_widths else None
-        # Off CUDA the same fixed-shape steps run eagerly (GraphedCall(capture=False)).
-        use_graphs, capture = cuda_graphs, device.type == "cuda"
-        # Greedy decoding without logits processors accepts inside the verify graph too.
-        accept_in_graph = not do_sample and len(logits_processor) == 0
-        verify = GraphedVerify(target, cache, accept_in_graph, capture) if use_graphs else None
-        draft_graph: GraphedCall[DraftTree] | None = None
+        verify = workspace.verify if use_graphs else None
         # The draft ring's lag: at most how many tokens a row gained since the draft last ran (the
         # prompt and the first token before the first round). Known on the host, so no sync is needed.
         ring_lag = prompt_len + 1
@@ -238,14 +235,14 @@ def longspec_decode(
                     new_tokens_bound=ring_lag,
                 )
             elif use_graphs and ring_lag <= round_gain_limit:
-                if draft_graph is None:
-                    draft_graph = GraphedCall(
+                if workspace.draft_graph is None:
+                    workspace.draft_graph = GraphedCall(
                         functools.partial(
                             drafter.propose_tree, tokens, seq_len, pad_start, new_tokens_bound=round_gain_limit
                         ),
                         capture,
                     )
-                tree = draft_graph()
+                tree = workspace.draft_graph()
             else:
                 tree = drafter.propose_tree(tokens, seq_len, pad_start, new_tokens_bound=ring_lag)
             if lookup is not None:

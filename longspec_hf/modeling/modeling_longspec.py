@@ -82,6 +82,11 @@ class DraftCache:
     def max_tree_nodes(self) -> int:
         return self.key_tree.shape[2]
 
+    def reset(self) -> None:
+        """Forget every row's tokens (in place: the tensors keep their addresses)."""
+        self.ring_positions.fill_(-1)
+        self.seen_len.zero_()
+
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (constant for a given batch size and tree budget)."""
         tensors = (self.key_ring, self.value_ring, self.ring_positions, self.key_tree, self.value_tree, self.seen_len)

@@ -1,0 +1,179 @@
+"""Where the time of a LongSpec round goes, on a target shaped like SmolLM2-135M (random weights).
+
+Round costs do not depend on the weights, only on the shapes, so this needs no checkpoint: the target
+is a random Llama with SmolLM2-135M's layout and the draft is the bundled one (random weights would do
+as well). For each method it reports the wall time per round and, from CUDA events around every graph
+replay, the GPU time of the draft's tree proposal and of the verify forward; the rest of a round is
+eager launches and host work. `--profile` adds a torch.profiler table of host time per op.
+
+    PYTHONPATH=. python bench/round_cost.py --context 4096 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import longspec_hf  # noqa: F401  (registers the draft with AutoModel)
+from longspec_hf.assets import bundled_draft_dir
+from longspec_hf.generation import cuda_graphs
+from longspec_hf.modeling import LongSpecDraftModel
+
+SMOLLM2_LAYOUT = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
+
+METHODS = {
+    "no_draft": dict(tree_widths=[]),
+    "tree": dict(),
+    "hybrid": dict(prompt_lookup_branches=2),
+}
+
+
+class GraphTimer:
+    """Records CUDA events around every `GraphedCall` replay, keyed by the wrapped function's name."""
+
+    def __init__(self):
+        self.events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = defaultdict(list)
+        self.calls: dict[str, cuda_graphs.GraphedCall] = {}
+        self.original = cuda_graphs.GraphedCall.__call__
+
+    def __enter__(self):
+        timer = self
+
+        def timed_call(call):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = timer.original(call)
+            end.record()
+            fn = call.fn
+            name = getattr(getattr(fn, "func", fn), "__name__", "graph")
+            timer.events[name].append((start, end))
+            timer.calls[name] = call
+            return result
+
+        cuda_graphs.GraphedCall.__call__ = timed_call
+        return self
+
+    def __exit__(self, *exc):
+        cuda_graphs.GraphedCall.__call__ = self.original
+
+    def median_ms(self) -> dict[str, float]:
+        torch.cuda.synchronize()
+        out = {}
+        for name, pairs in self.events.items():
+            times = sorted(s.elapsed_time(e) for s, e in pairs[1:])  # the first call captures
+            out[name] = times[len(times) // 2] if times else float("nan")
+        return out
+
+
+def launch_cost(call: cuda_graphs.GraphedCall, replays: int = 20) -> dict[str, float]:
+    """Host ms per `replay()` call, and GPU ms per replay when replays are queued back to back."""
+    graph = call.graph
+    torch.cuda.synchronize()
+    host = 0.0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        t0 = time.perf_counter()
+        graph.replay()
+        host += time.perf_counter() - t0
+    end.record()
+    torch.cuda.synchronize()
+    return dict(host_ms=1e3 * host / replays, gpu_ms=start.elapsed_time(end) / replays, nodes=graph_nodes(graph))
+
+
+def graph_nodes(graph: torch.cuda.CUDAGraph) -> int:
+    try:  # needs cuda-python; -1 without it
+        from cuda.bindings import runtime
+
+        _, _, count = runtime.cudaGraphGetNodes(graph.raw_cuda_graph(), 0)
+        return int(count)
+    except Exception:
+        return -1
+
+
+def profile_round(target, prompt, kwargs, out: str, method: str) -> None:
+    """torch.profiler over 32 eager tokens: GPU time and launches per op, so the ops inside graphs show."""
+    from torch.profiler import ProfilerActivity, profile
+
+    draft = kwargs["assistant_model"]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        target.generate(prompt, max_new_tokens=32, cuda_graphs=False, **kwargs)
+    rounds = draft.last_stats.rounds
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"))
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"--- {method}, eager: {rounds} rounds, {launches / rounds:.0f} kernel launches and {gpu_ms / rounds:.3f} ms of kernel time per round")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler host time per op")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    target = LlamaForCausalLM(LlamaConfig(**SMOLLM2_LAYOUT)).to(device, torch.bfloat16).eval()
+    # No EOS, no logits processors: every call runs its full length on the greedy graph path.
+    target.generation_config.pad_token_id = 0
+    target.generation_config.eos_token_id = None
+    draft = LongSpecDraftModel.from_pretrained(bundled_draft_dir()).to(device, torch.bfloat16)
+    prompt = torch.randint(100, 49152, (1, args.context), device=device)
+    results = {}
+    for method in args.methods:
+        kwargs = dict(assistant_model=draft, do_sample=False, **METHODS[method])
+        # Warm-up of the same shape: Triton compilation, cuBLAS, and the graphs, kept for the timed call.
+        target.generate(prompt, max_new_tokens=args.new_tokens, **kwargs)
+        with GraphTimer() as timer:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            target.generate(prompt, max_new_tokens=args.new_tokens, **kwargs)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        stats = draft.last_stats
+        graphs = timer.median_ms()
+        launch = {name: launch_cost(call) for name, call in timer.calls.items()}
+        row = dict(
+            rounds=stats.rounds,
+            tau=stats.mean_accepted_length,
+            wall_ms_per_round=1e3 * wall / stats.rounds,
+            graph_gpu_ms=graphs,
+            graph_launch=launch,
+        )
+        results[method] = row
+        print(method, json.dumps(row))
+        if args.profile:
+            profile_round(target, prompt, kwargs, args.out, method)
+    with open(os.path.join(args.out, "round_cost.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("| method | rounds | tau | wall ms/round | " + " | ".join(f"{k} GPU ms" for k in ("propose_tree", "verify_and_accept")) + " |")
+    for method, row in results.items():
+        g = row["graph_gpu_ms"]
+        print(
+            f"| {method} | {row['rounds']} | {row['tau']:.2f} | {row['wall_ms_per_round']:.3f} | "
+            f"{g.get('propose_tree', float('nan')):.3f} | {g.get('verify_and_accept', float('nan')):.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The buffers and CUDA graphs of LongSpec decoding, kept on the draft between `generate` calls.
+
+A `generate` call allocates the target cache, the token buffer and the draft's cache, and captures its
+CUDA graphs against their addresses. Capturing costs as much as tens of decoding rounds of a small
+target, so, like transformers' static cache (`model._cache`), the [`DecodingWorkspace`] stays on the
+draft (`draft._longspec_workspace`) and the next call reuses it when it fits: same batch size, tree
+shape, acceptance mode and weights (by address), and a capacity at least what the call needs but not
+far beyond it (a smaller call gets a fresh, smaller workspace, so memory follows the last call).
+`release_workspace(draft)` frees it.
+
+The graphs read every per-call quantity (prompt length, padding, lengths) from these buffers on the
+device, so reusing them only means resetting the buffers' contents (`DecodingWorkspace.start`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from ..modeling import LongSpecDraftModel
+from .cache import LongSpecCache
+from .candidate_generator import LongSpecCandidateGenerator
+from .cuda_graphs import GraphedCall
+from .tree import DraftTree
+from .verify import GraphedVerify
+
+ATTRIBUTE = "_longspec_workspace"
+# Capacity is allocated in whole blocks of this many slots (fewer on CPU, where the torch reference
+# attention reads the whole capacity); a kept workspace is reused while its spare slots stay below
+# SPARE_BLOCKS blocks.
+CAPACITY_BLOCK_CUDA = 256
+CAPACITY_BLOCK_CPU = 16
+SPARE_BLOCKS = 32
+
+
+@dataclass(frozen=True)
+class WorkspaceKey:
+    """What a workspace's buffers and graphs were built for, besides the capacity."""
+
+    device: torch.device
+    dtype: torch.dtype
+    token_dtype: torch.dtype
+    batch_size: int
+    tree_widths: tuple[int, ...]
+    max_tree_nodes: int
+    accept_in_graph: bool
+    capture: bool
+    models: tuple[int, int]
+    weights: tuple[int, ...]
+
+    @classmethod
+    def of(
+        cls,
+        target: PreTrainedModel,
+        draft: LongSpecDraftModel,
+        input_ids: torch.Tensor,
+        tree_widths: list[int],
+        max_tree_nodes: int,
+        accept_in_graph: bool,
+        capture: bool,
+    ) -> "WorkspaceKey":
+        tensors = itertools.chain(target.parameters(), target.buffers(), draft.parameters(), draft.buffers())
+        return cls(
+            device=input_ids.device,
+            dtype=target.dtype,
+            token_dtype=input_ids.dtype,
+            batch_size=input_ids.shape[0],
+            tree_widths=tuple(tree_widths),
+            max_tree_nodes=max_tree_nodes,
+            accept_in_graph=accept_in_graph,
+            capture=capture,
+            models=(id(target), id(draft)),
+            # Graphs hold raw addresses: moved or replaced weights need new graphs.
+            weights=tuple(t.data_ptr() for t in tensors),
+        )
+
+
+def _no_workspace() -> None:
+    return None
+
+
+class DecodingWorkspace:
+    """Everything of a LongSpec decoding call that lives at fixed addresses.
+
+    Attributes:
+        cache: the target's [`LongSpecCache`]; its `pad_start` is this workspace's `pad_start`.
+        tokens: `(B, capacity)` token buffer; row `b` holds its sequence in `[0, seq_len[b])`.
+        seq_len: `(B,)` current length of each row, left padding included.
+        pad_start: `(B,)` left-padding length of each row.
+        drafter: the candidate generator with the draft's constant-size cache.
+        verify: the target's verify forward, one graph per tree shape.
+        draft_graph: the greedy tree proposal's graph, made on first use.
+    """
+
+    def __init__(
+        self,
+        key: WorkspaceKey,
+        target: PreTrainedModel,
+        draft: LongSpecDraftModel,
+        capacity: int,
+    ):
+        self.key = key
+        text_config = target.config.get_text_config()
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        batch, device = key.batch_size, key.device
+        self.cache = LongSpecCache(
+            num_layers=text_config.num_hidden_layers,
+            batch_size=batch,
+            num_kv_heads=text_config.num_key_value_heads,
+            head_dim=head_dim,
+            capacity=capacity,
+            max_tree_nodes=key.max_tree_nodes,
+            pad_start=torch.zeros(batch, dtype=torch.long, device=device),
+            device=device,
+            dtype=key.dtype,
+        )
+        self.pad_start = self.cache.pad_start
+        self.tokens = torch.zeros(batch, capacity, dtype=key.token_dtype, device=device)
+        self.seq_len = torch.zeros(batch, dtype=torch.long, device=device)
+        self.drafter = LongSpecCandidateGenerator(draft, target, list(key.tree_widths), batch, self.cache.target_kv)
+        self.verify = GraphedVerify(target, self.cache, key.accept_in_graph, key.capture)
+        self.draft_graph: GraphedCall[DraftTree] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def fits(self, key: WorkspaceKey, capacity: int) -> bool:
+        spare = SPARE_BLOCKS * (CAPACITY_BLOCK_CUDA if key.capture else CAPACITY_BLOCK_CPU)
+        return key == self.key and capacity <= self.capacity <= capacity + spare
+
+    def start(self, input_ids: torch.Tensor, pad_start: torch.Tensor, pad_token_id: int) -> None:
+        """Reset the buffers for a new call with prompt `input_ids` `(B, P)`."""
+        prompt_len = input_ids.shape[1]
+        self.pad_start.copy_(pad_start)
+        self.tokens.fill_(pad_token_id)
+        self.tokens[:, :prompt_len] = input_ids
+        self.seq_len.fill_(prompt_len)
+        self.drafter.cache.reset()
+
+    # A kept workspace holds CUDA graphs: copies of the draft (deepcopy, pickle) start without one.
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+    def __reduce__(self):
+        return (_no_workspace, ())
+
+
+def acquire_workspace(
+    target: PreTrainedModel,
+    draft: LongSpecDraftModel,
+    input_ids: torch.Tensor,
+    *,
+    tree_widths: list[int],
+    max_tree_nodes: int,
+    capacity: int,
+    accept_in_graph: bool,
+    capture: bool,
+    keep: bool,
+) -> DecodingWorkspace:
+    """The draft's kept workspace when it fits this call, else a new one (kept on the draft if `keep`).
+
+    Args:
+        capacity: cache slots per row this call needs.
+        keep: store a new workspace on the draft for later calls (the one it replaces is released first,
+            so the two never hold memory together).
+    """
+    key = WorkspaceKey.of(target, draft, input_ids, tree_widths, max_tree_nodes, accept_in_graph, capture)
+    kept: DecodingWorkspace | None = getattr(draft, ATTRIBUTE, None)
+    if keep and kept is not None and kept.fits(key, capacity):
+        return kept
+    release_workspace(draft)
+    block = CAPACITY_BLOCK_CUDA if capture else CAPACITY_BLOCK_CPU
+    workspace = DecodingWorkspace(key, target, draft, -(-capacity // block) * block if keep else capacity)
+    if keep:
+        setattr(draft, ATTRIBUTE, workspace)
+    return workspace
+
+
+def release_workspace(draft: LongSpecDraftModel) -> None:
+    """Free the buffers and CUDA graphs that `generate` keeps on `draft` between calls."""
+    draft.__dict__.pop(ATTRIBUTE, None)

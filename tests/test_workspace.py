@@ -1,0 +1,134 @@
+"""The decoding workspace kept on the draft between generate calls: reused only when it fits, reset
+completely between calls (outputs equal plain generate whatever ran before), rebuilt when weights move."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import random
+
+import torch
+
+from longspec_hf import release_workspace
+from longspec_hf.generation.workspace import ATTRIBUTE
+
+from .conftest import make_draft, make_target
+from .test_equality import random_batch
+
+
+def kept(draft):
+    return draft.__dict__.get(ATTRIBUTE)
+
+
+def test_consecutive_calls_reuse_the_workspace_and_match_plain_generate():
+    rng = random.Random("workspace")
+    target = make_target("llama", seed=11)
+    draft = make_draft(target, seed=12)
+    # The longest call first: every later one fits in its workspace.
+    longest = torch.randint(3, target.config.vocab_size, (2, 60))
+    target.generate(longest, assistant_model=draft, max_new_tokens=60, do_sample=False)
+    first = kept(draft)
+    for case in range(12):
+        # Same batch size and tree: one workspace serves prompts of different lengths and paddings.
+        ids, mask = random_batch(rng, target.config.vocab_size, 2, rng.randrange(20, 60))
+        kwargs = dict(attention_mask=mask, max_new_tokens=rng.choice([5, 30, 60]), do_sample=False)
+        reference = target.generate(ids, **kwargs)
+        output = target.generate(ids, assistant_model=draft, **kwargs)
+        assert torch.equal(reference, output), case
+        assert kept(draft) is first, case
+
+
+def test_workspace_is_rebuilt_for_another_shape_or_moved_weights():
+    target = make_target("llama", seed=13)
+    draft = make_draft(target, seed=14)
+    ids = torch.randint(3, target.config.vocab_size, (1, 40))
+    target.generate(ids, assistant_model=draft, max_new_tokens=20, do_sample=False)
+    workspace = kept(draft)
+    assert workspace is not None
+
+    # A much shorter call gets a smaller workspace instead of holding the large one.
+    long_ids = torch.randint(3, target.config.vocab_size, (1, 700))
+    target.generate(long_ids, assistant_model=draft, max_new_tokens=5, do_sample=False)
+    assert kept(draft).capacity >= 700 + 5
+    target.generate(ids, assistant_model=draft, max_new_tokens=20, do_sample=False)
+    assert kept(draft).capacity < 700
+
+    # Other tree widths, another batch size: new buffers.
+    workspace = kept(draft)
+    target.generate(ids, assistant_model=draft, max_new_tokens=20, do_sample=False, tree_widths=[2, 2])
+    assert kept(draft) is not workspace
+    workspace = kept(draft)
+    target.generate(ids.repeat(2, 1), assistant_model=draft, max_new_tokens=20, do_sample=False, tree_widths=[2, 2])
+    assert kept(draft) is not workspace
+
+    # Weights replaced (as .to(...) or loading would): the graphs' addresses are stale, so rebuild,
+    # and the output follows the new weights.
+    workspace = kept(draft)
+    with torch.no_grad():
+        draft.mlp.down_proj.weight = torch.nn.Parameter(draft.mlp.down_proj.weight * 0.5)
+        target.lm_head.weight = torch.nn.Parameter(target.lm_head.weight.flip(0))
+    reference = target.generate(ids.repeat(2, 1), max_new_tokens=20, do_sample=False)
+    output = target.generate(ids.repeat(2, 1), assistant_model=draft, max_new_tokens=20, do_sample=False, tree_widths=[2, 2])
+    assert kept(draft) is not workspace
+    assert torch.equal(reference, output)
+
+
+def test_eager_calls_keep_nothing_and_copies_start_without_a_workspace():
+    target = make_target("llama", seed=15)
+    draft = make_draft(target, seed=16)
+    ids = torch.randint(3, target.config.vocab_size, (1, 30))
+    target.generate(ids, assistant_model=draft, max_new_tokens=10, do_sample=False, cuda_graphs=False)
+    assert kept(draft) is None
+
+    target.generate(ids, assistant_model=draft, max_new_tokens=10, do_sample=False)
+    assert kept(draft) is not None
+    assert kept(copy.deepcopy(draft)) is None
+    assert kept(pickle.loads(pickle.dumps(draft))) is None
+    release_workspace(draft)
+    assert kept(draft) is None
+    # Still usable after the release.
+    reference = target.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(target.generate(ids, assistant_model=draft, max_new_tokens=10, do_sample=False), reference)
+
+
+def test_sampling_after_greedy_reuses_nothing_stale():
+    """Greedy (acceptance in the verify graph) and sampling (acceptance outside) differ in what the
+    workspace holds; alternating them keeps each reproducible under the same seed."""
+    target = make_target("llama", seed=17)
+    draft = make_draft(target, seed=18)
+    ids = torch.randint(3, target.config.vocab_size, (1, 30))
+    sample = dict(assistant_model=draft, max_new_tokens=25, do_sample=True, temperature=0.8)
+    torch.manual_seed(3)
+    first = target.generate(ids, **sample)
+    target.generate(ids, assistant_model=draft, max_new_tokens=25, do_sample=False)
+    torch.manual_seed(3)
+    assert torch.equal(target.generate(ids, **sample), first)
+
+
+def test_a_reused_workspace_drafts_exactly_like_a_fresh_one():
+    """Equal outputs would hide a stale draft ring (the output is lossless anyway); equal per-round
+    acceptance shows the reused workspace starts from the same state as a new one."""
+    from longspec_hf import LongSpecStats
+
+    target = make_target("llama", seed=19)
+    draft = make_draft(target, seed=20, sliding_window=8)
+    # The draft's self-attention over its ring dominates its block, so its proposals depend on what
+    # the ring holds.
+    with torch.no_grad():
+        draft.mlp.down_proj.weight.zero_()
+        draft.cross_attn.o_proj.weight.zero_()
+        draft.self_attn.o_proj.weight.mul_(4.0)
+    before = torch.randint(3, target.config.vocab_size, (1, 50))
+    ids = torch.randint(3, target.config.vocab_size, (1, 45))
+
+    def accepted(prompt):
+        stats = LongSpecStats()
+        target.generate(prompt, assistant_model=draft, max_new_tokens=40, do_sample=False, longspec_stats=stats)
+        return stats.accepted_lengths
+
+    accepted(before)
+    reused = accepted(ids)
+    release_workspace(draft)
+    fresh = accepted(ids)
+    assert reused == fresh
+    assert max(fresh) > 1
