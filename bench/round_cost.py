@@ -122,12 +122,24 @@ def profile_round(target, prompt, kwargs, out: str, method: str) -> None:
     print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60))
 
 
+def profile_host(target, prompt, kwargs, method: str) -> None:
+    """torch.profiler over 64 tokens with graphs: host time per op, what the graphs leave on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
+        target.generate(prompt, max_new_tokens=64, **kwargs)
+    rounds = kwargs["assistant_model"].last_stats.rounds
+    print(f"--- {method}, graphs: host time per op over {rounds} rounds")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--profile", action="store_true", help="also print torch.profiler host time per op")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler GPU time per op (eager)")
+    parser.add_argument("--profile-host", action="store_true", help="also print host time per op (with graphs)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
 
@@ -164,6 +176,8 @@ def main() -> None:
         print(method, json.dumps(row))
         if args.profile:
             profile_round(target, prompt, kwargs, args.out, method)
+        if args.profile_host:
+            profile_host(target, prompt, kwargs, method)
     with open(os.path.join(args.out, "round_cost.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("| method | rounds | tau | wall ms/round | " + " | ".join(f"{k} GPU ms" for k in ("propose_tree", "verify_and_accept")) + " |")

@@ -182,17 +182,25 @@ def held_out_prompts(tokenizer, contexts, count: int):
     from pathlib import Path
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = []
+    paths = []
     for name in HELD_OUT_FILES:
         for path in (stdlib / name, stdlib / name.removesuffix(".py") / "__init__.py"):
             if path.exists():
-                texts.append(tokenizer(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids)
+                paths.append(path)
                 break
+    return file_prompts(tokenizer, paths, contexts, count)
+
+
+def file_prompts(tokenizer, paths, contexts, count: int):
+    """`{context: [ids]}` from the given text files, each cut to every context it is long enough for."""
+    from pathlib import Path
+
+    texts = [tokenizer(Path(p).read_text(encoding="utf-8"), return_tensors="pt").input_ids for p in paths]
     prompts = {}
     for context in contexts:
         long_enough = [ids[:, :context] for ids in texts if ids.shape[1] >= context][:count]
         if not long_enough:
-            raise SystemExit(f"no standard-library file of {context} tokens under {stdlib}")
+            raise SystemExit(f"no prompt file of {context} tokens among {[str(p) for p in paths]}")
         prompts[context] = long_enough
     return prompts
 
@@ -201,6 +209,10 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser, target_default=SMOLLM2)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 7680])
     parser.add_argument("--prompts", type=int, default=2, help="prompts per context length")
+    parser.add_argument(
+        "--prompt-files", nargs="+", default=None,
+        help="text files to take prompts from (default: held-out Python standard-library sources)",
+    )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument(
         "--methods", nargs="+", default=None,
@@ -222,12 +234,16 @@ def _run_bench(args: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype(args)
     target, tokenizer = _load_target(args.target, device, dtype, args.gguf_file)
     draft = _load_draft(args.draft, device, dtype)
-    prompts = held_out_prompts(tokenizer, args.contexts, args.prompts)
+    if args.prompt_files:
+        prompts = file_prompts(tokenizer, args.prompt_files, args.contexts, args.prompts)
+    else:
+        prompts = held_out_prompts(tokenizer, args.contexts, args.prompts)
     methods = tuple(args.methods) if args.methods else METHODS
     results = run_benchmark(target, draft, prompts, args.new_tokens, methods)
     meta = {
         "target": args.target, "draft": args.draft or "bundled", "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
         "dtype": str(dtype), "new_tokens": args.new_tokens, "torch": torch.__version__,
+        "prompt_files": args.prompt_files or "standard library",
     }
     files = write_report(results, args.out_dir, meta)
     print(markdown_table(summary_rows(results)))

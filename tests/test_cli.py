@@ -110,3 +110,17 @@ def test_help_lists_subcommands(capsys):
     out = capsys.readouterr().out
     assert "convert" in out and "push" in out and "train" in out
     assert isinstance(cli.build_parser(), argparse.ArgumentParser)
+
+
+def test_bench_prompt_files_are_cut_to_each_context(tmp_path):
+    def tokenizer(text, return_tensors):
+        return types.SimpleNamespace(input_ids=torch.tensor([[ord(c) for c in text]]))
+
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text("a" * 50)
+    long.write_text("".join(chr(97 + i % 26) for i in range(300)))
+    prompts = cli.file_prompts(tokenizer, [short, long], [40, 200], count=2)
+    assert [p.shape for p in prompts[40]] == [(1, 40), (1, 40)]
+    assert len(prompts[200]) == 1 and torch.equal(prompts[200][0][0], torch.tensor([ord(c) for c in long.read_text()[:200]]))
+    with pytest.raises(SystemExit, match="no prompt file of 400 tokens"):
+        cli.file_prompts(tokenizer, [short, long], [400], count=1)

@@ -202,7 +202,7 @@ def longspec_decode(
             first = scores.argmax(dim=-1)
         tokens[:, prompt_len] = first[:, 0]
         first_tokens = first.tolist()
-        output.add(first_tokens, [1] * batch_size, tokens, seq_len, scores, logits)
+        output.add(first_tokens, [1] * batch_size, tokens, [prompt_len] * batch_size, scores, logits)
         seq_len += 1
 
         policy = AdaptiveDrafting() if adaptive and tree_widths else None
@@ -211,8 +211,9 @@ def longspec_decode(
         # prompt and the first token before the first round). Known on the host, so no sync is needed.
         ring_lag = prompt_len + 1
         round_gain_limit = max_depth + 1
-        # The cache's committed_len, mirrored on the host: compaction writes a whole path past it.
+        # Host mirrors of the cache's committed_len (compaction writes a whole path past it) and of seq_len.
         committed_host = [prompt_len] * batch_size
+        seq_len_host = [prompt_len + 1] * batch_size
         active_rows = [True] * batch_size
         active = torch.ones(batch_size, dtype=torch.bool, device=device)
         # Prompt lookup: every row's n-grams on the host, extended with each round's tokens.
@@ -221,12 +222,16 @@ def longspec_decode(
         if prompt_lookup_branches > 0:
             prompts = [row[start:] for row, start in zip(input_ids.tolist(), pad_start.tolist())]
             lookup = NgramIndex([prompt + first_row for prompt, first_row in zip(prompts, first_tokens)])
-        while not output.all_done:
-            drafted = bool(tree_widths) and (policy is None or policy.draft_this_round())
+
+        def wants_draft() -> bool:
+            return bool(tree_widths) and (policy is None or policy.draft_this_round())
+
+        def propose(drafted: bool, ring_lag: int) -> DraftTree:
+            """This round's draft tree; the root alone when the draft does not run."""
             if not drafted:
-                tree = DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
-            elif do_sample:
-                tree = drafter.propose_tree(
+                return DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
+            if do_sample:
+                return drafter.propose_tree(
                     tokens,
                     seq_len,
                     pad_start,
@@ -234,7 +239,7 @@ def longspec_decode(
                     sample_children=rule.sample_children,
                     new_tokens_bound=ring_lag,
                 )
-            elif use_graphs and ring_lag <= round_gain_limit:
+            if use_graphs and ring_lag <= round_gain_limit:
                 if workspace.draft_graph is None:
                     workspace.draft_graph = GraphedCall(
                         functools.partial(
@@ -242,9 +247,19 @@ def longspec_decode(
                         ),
                         capture,
                     )
-                tree = workspace.draft_graph()
+                return workspace.draft_graph()
+            return drafter.propose_tree(tokens, seq_len, pad_start, new_tokens_bound=ring_lag)
+
+        # A greedy graphed draft reads only device state, so the next round's tree can be launched
+        # before the host emits this round's tokens, and the two overlap.
+        draft_ahead = use_graphs and not do_sample and bool(tree_widths)
+        ahead: tuple[bool, DraftTree] | None = None
+        while not output.all_done:
+            if ahead is not None:
+                (drafted, tree), ahead = ahead, None
             else:
-                tree = drafter.propose_tree(tokens, seq_len, pad_start, new_tokens_bound=ring_lag)
+                drafted = wants_draft()
+                tree = propose(drafted, ring_lag)
             if lookup is not None:
                 chains = lookup.chains(prompt_lookup_branches, chain_length, filler=pad_token_id)
                 shape = tuple(tree.level_sizes)  # the draft's tree, or the root alone (adaptive)
@@ -252,7 +267,7 @@ def longspec_decode(
                     chain_layouts[shape] = ChainLayout.build(
                         tree.level_sizes, prompt_lookup_branches, chain_length, device
                     )
-                tree = chain_layouts[shape].merge(tree, torch.tensor(chains, device=device))
+                tree = chain_layouts[shape].merge(tree, _to_device(chains, device))
             positions = (seq_len - 1 - pad_start)[:, None] + tree.depths[None, :]
             cache.begin_tree(tree.num_nodes)
             if verify is not None:
@@ -278,37 +293,54 @@ def longspec_decode(
                 on_path = tree.retrieval.gather(1, acceptance.path)[:, 1:]
                 within = torch.arange(on_path.shape[1], device=device)[None, :] < acceptance.num_accepted[:, None]
                 to_host.append((on_path & within).sum(dim=1, keepdim=True))
-            # The round's one wait for the device: what the host needs to emit tokens and keep statistics.
-            host_rows = torch.cat(to_host, dim=1).tolist()
-            gained_host = [row[0] for row in host_rows]
+            to_host = torch.cat(to_host, dim=1)
+            node_scores = _at_path(scores, acceptance.path) if output.scores is not None else None
+            node_logits = _at_path(logits, acceptance.path) if output.logits is not None else None
+            # Commit on the device first. A row that ends inside this path (EOS, max length, a stopping
+            # criterion) still advances by all it gained: it is done, and the output keeps only what
+            # it took.
             if max(committed_host) + path_width > cache.capacity:
                 raise RuntimeError("LongSpecCache capacity exceeded")
-            committed_host = [c + g for c, g in zip(committed_host, gained_host)]
             cache.compact(acceptance.path, gained)
             write = seq_len[:, None] + torch.arange(path_width, device=device)
             tokens.scatter_(1, write, acceptance.new_tokens)
-            node_scores = _at_path(scores, acceptance.path) if output.scores is not None else None
-            node_logits = _at_path(logits, acceptance.path) if output.logits is not None else None
+            seq_len += gained
+            # The round's one wait for the device: what the host needs to emit tokens and keep statistics.
+            host_rows = to_host.tolist()
+            gained_host = [row[0] for row in host_rows]
+            committed_host = [c + g for c, g in zip(committed_host, gained_host)]
+            lengths_before, seq_len_host = seq_len_host, [s + g for s, g in zip(seq_len_host, gained_host)]
+            ring_lag = (0 if drafted else ring_lag) + max(gained_host)
+            gained_active = [g for g, a in zip(gained_host, active_rows) if a]
+            if policy is not None:
+                policy.record(gained_active, drafted)
+            if draft_ahead and ring_lag <= round_gain_limit:
+                next_drafted = wants_draft()
+                ahead = (next_drafted, propose(next_drafted, ring_lag))
+
             new_tokens_host = [row[1 : 1 + path_width] for row in host_rows]
-            taken = output.add(new_tokens_host, gained_host, tokens, seq_len, node_scores, node_logits)
+            taken = output.add(new_tokens_host, gained_host, tokens, lengths_before, node_scores, node_logits)
             if lookup is not None:
                 for row, (row_tokens, count) in enumerate(zip(new_tokens_host, taken)):
                     lookup.extend(row, row_tokens[:count])
             stats.rounds += 1
             stats.drafted_rounds += int(drafted)
-            gained_active = [g for g, a in zip(gained_host, active_rows) if a]
             stats.accepted_lengths.extend(gained_active)
             if tree.retrieval is not None:
                 stats.retrieval_accepted.extend(row[-1] for row, a in zip(host_rows, active_rows) if a)
             else:
                 stats.retrieval_accepted.extend([0] * len(gained_active))
-            if policy is not None:
-                policy.record(gained_active, drafted)
-            seq_len += torch.tensor(taken, device=device)
-            ring_lag = (0 if drafted else ring_lag) + max(taken)
     draft.last_stats = stats
     draft.last_draft_cache_nbytes = drafter.cache.nbytes()
     return output.finish(input_ids, return_dict)
+
+
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A tensor of host values on `device`, copied without waiting for the device's queued work."""
+    tensor = torch.tensor(values)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _at_path(values: torch.Tensor, path: torch.Tensor) -> torch.Tensor:

@@ -46,13 +46,14 @@ class OutputCollector:
         new_tokens: list[list[int]],
         counts: list[int],
         buffer: torch.Tensor,
-        seq_len: torch.Tensor,
+        lengths: list[int],
         scores: torch.Tensor | None,
         logits: torch.Tensor | None,
     ) -> list[int]:
         """Take up to `counts[b]` tokens of `new_tokens[b]` for every row not done; return how many each took.
 
-        `buffer[b, seq_len[b]:]` must already hold the new tokens (stopping criteria read the sequence).
+        Row `b` of `buffer` holds its sequence in `[0, lengths[b])` followed by the new tokens (stopping
+        criteria read the sequence).
         `scores`/`logits` are `(B, P, V)`, the values at which each new token was chosen.
         """
         taken = [0] * len(self.tokens)
@@ -68,7 +69,7 @@ class OutputCollector:
                 if token in self.eos_token_ids or len(self.tokens[row]) >= self.max_new_tokens:
                     self.done[row] = True
                 elif len(self.stopping_criteria) > 0:
-                    length = int(seq_len[row]) + j + 1
+                    length = lengths[row] + j + 1
                     row_scores = scores[row, j][None] if scores is not None else None
                     if bool(self.stopping_criteria(buffer[row : row + 1, :length], row_scores).any()):
                         self.done[row] = True
