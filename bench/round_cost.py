@@ -122,15 +122,15 @@ def profile_round(target, prompt, kwargs, out: str, method: str) -> None:
     print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60))
 
 
-def profile_host(target, prompt, kwargs, method: str) -> None:
-    """torch.profiler over 64 tokens with graphs: host time per op, what the graphs leave on the host."""
+def profile_host(target, prompt, kwargs, method: str, new_tokens: int) -> None:
+    """torch.profiler with graphs: host time per op, what the graphs leave on the host."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
-        target.generate(prompt, max_new_tokens=64, **kwargs)
+        target.generate(prompt, max_new_tokens=new_tokens, **kwargs)
     rounds = kwargs["assistant_model"].last_stats.rounds
     print(f"--- {method}, graphs: host time per op over {rounds} rounds")
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=50))
 
 
 def main() -> None:
@@ -177,7 +177,7 @@ def main() -> None:
         if args.profile:
             profile_round(target, prompt, kwargs, args.out, method)
         if args.profile_host:
-            profile_host(target, prompt, kwargs, method)
+            profile_host(target, prompt, kwargs, method, args.new_tokens)
     with open(os.path.join(args.out, "round_cost.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("| method | rounds | tau | wall ms/round | " + " | ".join(f"{k} GPU ms" for k in ("propose_tree", "verify_and_accept")) + " |")

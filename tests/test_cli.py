@@ -97,6 +97,9 @@ def test_train_delegates_to_training_cli(monkeypatch):
 def test_other_commands_work_without_training_module(monkeypatch, tmp_path):
     # Building the parser for convert/push never imports the training module.
     monkeypatch.setitem(sys.modules, "longspec_hf.training.cli", None)
+    import longspec_hf.training as training
+
+    monkeypatch.delattr(training, "cli", raising=False)  # as if no earlier test had imported it
     parser = cli.build_parser()
     args = parser.parse_args(["convert", "a", "b"])
     assert args.command == "convert"

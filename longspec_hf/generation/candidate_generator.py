@@ -120,6 +120,18 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             log_probs = self._draft_log_probs(logits, draft_warpers)
         return tree
 
+    @torch.no_grad()
+    def consume_committed(
+        self, tokens: torch.Tensor, seq_len: torch.Tensor, pad_start: torch.Tensor, new_tokens_bound: int | None = None
+    ) -> None:
+        """Feed the draft's ring the committed tokens it has not seen, without drafting a tree.
+
+        A graphed [`propose_tree`] takes a fixed number of new tokens per call; this catches the ring up
+        first when more came in (the prompt, rounds without drafting). Arguments as in `propose_tree`.
+        """
+        if self.tree_widths:
+            self._consume_committed(tokens, seq_len, pad_start, self.target_kv(), new_tokens_bound)
+
     @staticmethod
     def _draft_log_probs(logits: torch.Tensor, draft_warpers: LogitsProcessorList | None) -> torch.Tensor:
         """`(B, n, V)` float32 log q from `(B, n, V)` draft logits; warpers applied when given."""

@@ -83,14 +83,20 @@ class GraphedCall(Generic[Output]):
 
 
 class StaticInputs:
-    """Named tensors at fixed addresses; `update(name=tensor, ...)` copies new values in."""
+    """Named tensors at fixed addresses; `update(name=tensor, ...)` copies new values in.
 
-    def __init__(self, **tensors: torch.Tensor):
-        self.tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+    With `adopt=True` the given tensors themselves become the static buffers (they must keep their
+    addresses, e.g. another graph's outputs); `update` skips a copy whose source is the buffer itself.
+    """
+
+    def __init__(self, adopt: bool = False, **tensors: torch.Tensor):
+        self.tensors = {name: tensor if adopt else tensor.clone() for name, tensor in tensors.items()}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
     def update(self, **tensors: torch.Tensor) -> None:
         for name, tensor in tensors.items():
-            self.tensors[name].copy_(tensor)
+            static = self.tensors[name]
+            if tensor.data_ptr() != static.data_ptr() or tensor.stride() != static.stride():
+                static.copy_(tensor)

@@ -18,6 +18,7 @@ Rows advance at their own pace; every buffer has explicit per-row lengths (`seq_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from .processing import SCORES_ONLY_PROCESSORS, tree_scores
 from .retrieval import NgramIndex, branch_length
 from .sampling import resolve_sampling_rule
 from .tree import ChainLayout, DraftTree, accept_greedy
-from .verify import verify_logits
+from .verify import merge_positions_verify
 from .workspace import acquire_workspace
 
 
@@ -226,12 +227,13 @@ def longspec_decode(
         def wants_draft() -> bool:
             return bool(tree_widths) and (policy is None or policy.draft_this_round())
 
-        def propose(drafted: bool, ring_lag: int) -> DraftTree:
-            """This round's draft tree; the root alone when the draft does not run."""
+        def propose(drafted: bool, ring_lag: int) -> tuple[DraftTree, bool]:
+            """This round's draft tree (the root alone when the draft does not run), and whether its
+            tensors are the draft graph's outputs (fixed addresses)."""
             if not drafted:
-                return DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
+                return DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0]), False
             if do_sample:
-                return drafter.propose_tree(
+                tree = drafter.propose_tree(
                     tokens,
                     seq_len,
                     pad_start,
@@ -239,41 +241,51 @@ def longspec_decode(
                     sample_children=rule.sample_children,
                     new_tokens_bound=ring_lag,
                 )
-            if use_graphs and ring_lag <= round_gain_limit:
-                if workspace.draft_graph is None:
-                    workspace.draft_graph = GraphedCall(
-                        functools.partial(
-                            drafter.propose_tree, tokens, seq_len, pad_start, new_tokens_bound=round_gain_limit
-                        ),
-                        capture,
-                    )
-                return workspace.draft_graph()
-            return drafter.propose_tree(tokens, seq_len, pad_start, new_tokens_bound=ring_lag)
+                return tree, False
+            if not use_graphs:
+                return drafter.propose_tree(tokens, seq_len, pad_start, new_tokens_bound=ring_lag), False
+            if ring_lag > round_gain_limit:
+                # The graph feeds the ring a fixed number of tokens: catch up on the rest first.
+                drafter.consume_committed(tokens, seq_len, pad_start, new_tokens_bound=ring_lag)
+            if workspace.draft_graph is None:
+                workspace.draft_graph = GraphedCall(
+                    functools.partial(
+                        drafter.propose_tree, tokens, seq_len, pad_start, new_tokens_bound=round_gain_limit
+                    ),
+                    capture,
+                )
+            return workspace.draft_graph(), True
 
         # A greedy graphed draft reads only device state, so the next round's tree can be launched
         # before the host emits this round's tokens, and the two overlap.
         draft_ahead = use_graphs and not do_sample and bool(tree_widths)
-        ahead: tuple[bool, DraftTree] | None = None
+        ahead: tuple[bool, DraftTree, bool] | None = None
         while not output.all_done:
             if ahead is not None:
-                (drafted, tree), ahead = ahead, None
+                (drafted, tree, static_tree), ahead = ahead, None
             else:
                 drafted = wants_draft()
-                tree = propose(drafted, ring_lag)
+                tree, static_tree = propose(drafted, ring_lag)
+            chains = layout = None
+            num_nodes = tree.num_nodes
             if lookup is not None:
-                chains = lookup.chains(prompt_lookup_branches, chain_length, filler=pad_token_id)
                 shape = tuple(tree.level_sizes)  # the draft's tree, or the root alone (adaptive)
                 if shape not in chain_layouts:
                     chain_layouts[shape] = ChainLayout.build(
                         tree.level_sizes, prompt_lookup_branches, chain_length, device
                     )
-                tree = chain_layouts[shape].merge(tree, _to_device(chains, device))
-            positions = (seq_len - 1 - pad_start)[:, None] + tree.depths[None, :]
-            cache.begin_tree(tree.num_nodes)
+                layout = chain_layouts[shape]
+                chains = _to_device(lookup.chains(prompt_lookup_branches, chain_length, filler=pad_token_id), device)
+                num_nodes = layout.num_nodes
+            cache.begin_tree(num_nodes)
             if verify is not None:
-                logits, acceptance = verify(tree, positions)
+                verified, logits, acceptance = verify(tree, chains, layout, adopt=static_tree)
+                # The graph's tree holds the structure; sampling also needs the draft's distributions.
+                tree = dataclasses.replace(verified, draft_log_probs=list(tree.draft_log_probs))
             else:
-                logits, acceptance = verify_logits(target, cache, tree.tokens, positions, tree.ancestors), None
+                tree, logits, acceptance = merge_positions_verify(
+                    target, cache, seq_len, pad_start, tree, chains, layout, accept=False
+                )
             scores = None
             if acceptance is None or output.scores is not None:
                 scores = tree_scores(logits, logits_processor, tokens, seq_len, tree)
@@ -314,9 +326,9 @@ def longspec_decode(
             gained_active = [g for g, a in zip(gained_host, active_rows) if a]
             if policy is not None:
                 policy.record(gained_active, drafted)
-            if draft_ahead and ring_lag <= round_gain_limit:
+            if draft_ahead:
                 next_drafted = wants_draft()
-                ahead = (next_drafted, propose(next_drafted, ring_lag))
+                ahead = (next_drafted, *propose(next_drafted, ring_lag))
 
             new_tokens_host = [row[1 : 1 + path_width] for row in host_rows]
             taken = output.add(new_tokens_host, gained_host, tokens, lengths_before, node_scores, node_logits)

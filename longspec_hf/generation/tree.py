@@ -168,6 +168,11 @@ class ChainLayout:
             draft_level_sizes=list(draft_level_sizes),
         )
 
+    @property
+    def num_nodes(self) -> int:
+        """Nodes of the merged tree, root included."""
+        return self.parents.shape[0]
+
     def merge(self, tree: DraftTree, chains: torch.Tensor) -> DraftTree:
         """The merged tree of `tree` (a draft tree of `draft_level_sizes`) and `chains` `(B, K, L)`."""
         if tree.retrieval is not None:

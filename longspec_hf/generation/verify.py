@@ -1,5 +1,6 @@
-"""The target's verification forward of a round: logits at every tree node, optionally with greedy
-acceptance, run eagerly or replayed from one CUDA graph per tree shape."""
+"""The target's verification forward of a round: prompt-lookup chains merged into the tree, node
+positions, logits at every node and optionally greedy acceptance, run eagerly or replayed from one CUDA
+graph per tree shape."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from transformers import PreTrainedModel
 from .attention import LongSpecAttentionInputs
 from .cache import LongSpecCache
 from .cuda_graphs import GraphedCall, StaticInputs
-from .tree import DraftTree, GreedyAcceptance, accept_greedy
+from .tree import ChainLayout, DraftTree, GreedyAcceptance, accept_greedy
 
 
 def verify_logits(
@@ -41,40 +42,101 @@ def verify_and_accept(
     return logits, accept_greedy(tree, logits.argmax(dim=-1)) if accept else None
 
 
+def tree_positions(seq_len: torch.Tensor, pad_start: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+    """`(B, 1 + N)` position of every node: the root is each row's last token."""
+    return (seq_len - 1 - pad_start)[:, None] + depths[None, :]
+
+
+def merge_positions_verify(
+    target: PreTrainedModel,
+    cache: LongSpecCache,
+    seq_len: torch.Tensor,
+    pad_start: torch.Tensor,
+    tree: DraftTree,
+    chains: torch.Tensor | None,
+    layout: ChainLayout | None,
+    accept: bool,
+) -> tuple[DraftTree, torch.Tensor, GreedyAcceptance | None]:
+    """Hang the prompt-lookup `chains` under the root (when given), then [`verify_and_accept`].
+
+    Returns the verified tree, its logits and (when `accept`) the greedy acceptance.
+    """
+    if chains is not None:
+        tree = layout.merge(tree, chains)
+    logits, acceptance = verify_and_accept(
+        target, cache, tree, tree_positions(seq_len, pad_start, tree.depths), accept
+    )
+    return tree, logits, acceptance
+
+
 class GraphedVerify:
-    """[`verify_and_accept`] replayed from one CUDA graph per tree shape (adaptive drafting uses two).
+    """[`merge_positions_verify`] replayed from one CUDA graph per tree shape (adaptive drafting uses two).
+
+    Each graph reads the tree from static buffers. A tree whose tensors already are those buffers (the
+    output of the draft's own graph, which a graph made for it adopts) costs no copy; other trees and
+    the lookup chains are copied in.
 
     Args:
         target, cache: the model being decoded and its LongSpec cache.
+        seq_len, pad_start: `(B,)` the decoding loop's row lengths and left padding (read in place).
         accept: also run greedy acceptance in the graph (greedy decoding without logits processors).
         capture: capture CUDA graphs (False: run the same steps eagerly).
     """
 
-    def __init__(self, target: PreTrainedModel, cache: LongSpecCache, accept: bool, capture: bool = True):
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        cache: LongSpecCache,
+        seq_len: torch.Tensor,
+        pad_start: torch.Tensor,
+        accept: bool,
+        capture: bool = True,
+    ):
         self.target = target
         self.cache = cache
+        self.seq_len = seq_len
+        self.pad_start = pad_start
         self.accept = accept
         self.capture = capture
-        self.graphs: dict[tuple[int, ...], tuple[StaticInputs, GraphedCall]] = {}
+        self.graphs: dict[tuple, tuple[StaticInputs, GraphedCall]] = {}
 
-    def __call__(self, tree: DraftTree, positions: torch.Tensor) -> tuple[torch.Tensor, GreedyAcceptance | None]:
-        inputs_now = dict(
-            tokens=tree.tokens, parents=tree.parents, depths=tree.depths, ancestors=tree.ancestors, positions=positions
-        )
-        shape = (tree.num_nodes, *tree.level_sizes)
+    def __call__(
+        self,
+        tree: DraftTree,
+        chains: torch.Tensor | None = None,
+        layout: ChainLayout | None = None,
+        adopt: bool = False,
+    ) -> tuple[DraftTree, torch.Tensor, GreedyAcceptance | None]:
+        """Verify `tree` (with `chains` `(B, K, L)` merged in by `layout`, when given).
+
+        `adopt`: `tree` keeps its tensors' addresses from call to call (a graph's output), so a new
+        graph reads them in place instead of copying them.
+        """
+        inputs_now = dict(tokens=tree.tokens, parents=tree.parents, depths=tree.depths, ancestors=tree.ancestors)
+        if chains is not None:
+            inputs_now["chains"] = chains
+        shape = (tree.num_nodes, *tree.level_sizes, None if chains is None else tuple(chains.shape))
         if shape not in self.graphs:
-            inputs = StaticInputs(**inputs_now)
+            inputs = StaticInputs(adopt=adopt, **inputs_now)
             static_tree = DraftTree(
                 tokens=inputs["tokens"],
                 parents=inputs["parents"],
                 depths=inputs["depths"],
-                log_probs=tree.log_probs,  # not read by verification
+                log_probs=torch.zeros_like(tree.log_probs),  # verification does not read them
                 ancestors=inputs["ancestors"],
                 level_sizes=list(tree.level_sizes),
             )
             call = GraphedCall(
                 functools.partial(
-                    verify_and_accept, self.target, self.cache, static_tree, inputs["positions"], self.accept
+                    merge_positions_verify,
+                    self.target,
+                    self.cache,
+                    self.seq_len,
+                    self.pad_start,
+                    static_tree,
+                    inputs["chains"] if chains is not None else None,
+                    layout,
+                    self.accept,
                 ),
                 self.capture,
             )

@@ -121,7 +121,7 @@ class DecodingWorkspace:
         self.tokens = torch.zeros(batch, capacity, dtype=key.token_dtype, device=device)
         self.seq_len = torch.zeros(batch, dtype=torch.long, device=device)
         self.drafter = LongSpecCandidateGenerator(draft, target, list(key.tree_widths), batch, self.cache.target_kv)
-        self.verify = GraphedVerify(target, self.cache, key.accept_in_graph, key.capture)
+        self.verify = GraphedVerify(target, self.cache, self.seq_len, self.pad_start, key.accept_in_graph, key.capture)
         self.draft_graph: GraphedCall[DraftTree] | None = None
 
     @property
