@@ -15,12 +15,16 @@ chooses (greedy) or by the point-mass rule (sampling), so it never changes the o
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 # Suffix lengths tried, longest first (transformers' prompt lookup uses up to 3-gram suffixes too).
 DEFAULT_MAX_NGRAM = 3
 # How many candidate match positions are looked at per row before picking distinct continuations.
 CANDIDATES_PER_BRANCH = 4
+# n-gram keys are base-2**32 numbers of (token id + 1) digits.
+_KEY_BASE = 1 << 32
 
 
 def branch_length(num_draft_levels: int) -> int:
@@ -37,6 +41,9 @@ class NgramIndex:
 
     The decoding loop extends it with each round's committed tokens (which it has on the host anyway),
     so finding a row's continuations is a few dictionary lookups: no device work and no host sync.
+    An n-gram's key is one integer and its start positions are an `array`: neither is tracked by
+    Python's garbage collector, so indexing a long prompt does not make later full collections (which
+    walk every tracked object of the process) slower or more frequent.
 
     Args:
         rows: each row's tokens so far (its prompt, without padding).
@@ -46,9 +53,18 @@ class NgramIndex:
     def __init__(self, rows: list[list[int]], max_ngram: int = DEFAULT_MAX_NGRAM):
         self.max_ngram = max_ngram
         self.texts: list[list[int]] = [[] for _ in rows]
-        self.starts: list[dict[tuple[int, ...], list[int]]] = [{} for _ in rows]
+        self.starts: list[dict[int, array]] = [{} for _ in rows]
         for row, tokens in enumerate(rows):
             self.extend(row, tokens)
+
+    @staticmethod
+    def _suffix_keys(text: list[int], end: int, max_ngram: int) -> list[int]:
+        """Keys of the n-grams ending at `end` for n = 1, 2, ...: distinct for distinct n-grams."""
+        keys, key = [], 0
+        for n in range(1, min(max_ngram, end) + 1):
+            key = key * _KEY_BASE + text[end - n] + 1
+            keys.append(key)
+        return keys
 
     def extend(self, row: int, tokens: list[int]) -> None:
         """Append `tokens` to row `row`."""
@@ -56,8 +72,11 @@ class NgramIndex:
         for token in tokens:
             text.append(token)
             end = len(text)
-            for n in range(1, min(self.max_ngram, end) + 1):
-                starts.setdefault(tuple(text[end - n :]), []).append(end - n)
+            for n, key in enumerate(self._suffix_keys(text, end, self.max_ngram), start=1):
+                positions = starts.get(key)
+                if positions is None:
+                    starts[key] = positions = array("q")
+                positions.append(end - n)
 
     def continuations(self, row: int, num_branches: int, length: int) -> list[list[int]]:
         """Up to `num_branches` distinct continuations (at most `length` tokens each) of the row's suffix.
@@ -72,16 +91,19 @@ class NgramIndex:
         candidates: list[int] = []  # continuation starts, best first
         seen: set[int] = set()
         wanted = num_branches * CANDIDATES_PER_BRANCH
-        for n in range(min(self.max_ngram, size), 0, -1):
-            for start in reversed(starts.get(tuple(text[size - n :]), ())):
+        keys = self._suffix_keys(text, size, self.max_ngram)
+        for n in range(len(keys), 0, -1):
+            for start in reversed(starts.get(keys[n - 1], ())):
                 begin = start + n
                 if begin < size and begin not in seen:
                     seen.add(begin)
                     candidates.append(begin)
-            if len(candidates) >= wanted:
+                    if len(candidates) == wanted:
+                        break
+            if len(candidates) == wanted:
                 break
         chosen: list[list[int]] = []
-        for begin in candidates[:wanted]:
+        for begin in candidates:
             chain = text[begin : begin + length]
             if any(c[: len(chain)] == chain for c in chosen):
                 continue
