@@ -7,6 +7,7 @@ import copy
 import pickle
 import random
 
+import pytest
 import torch
 
 from longspec_hf import release_workspace
@@ -132,3 +133,32 @@ def test_a_reused_workspace_drafts_exactly_like_a_fresh_one():
     fresh = accepted(ids)
     assert reused == fresh
     assert max(fresh) > 1
+
+
+def test_a_workspace_in_use_is_neither_shared_nor_replaced():
+    """A call made while another decodes with the kept workspace (another thread) gets its own buffers."""
+    target = make_target("llama", seed=23)
+    draft = make_draft(target, seed=24)
+    ids = torch.randint(3, target.config.vocab_size, (1, 30))
+    reference = target.generate(ids, max_new_tokens=12, do_sample=False)
+    target.generate(ids, assistant_model=draft, max_new_tokens=12, do_sample=False)
+    workspace = kept(draft)
+    with workspace.claim():
+        output = target.generate(ids, assistant_model=draft, max_new_tokens=12, do_sample=False)
+        assert kept(draft) is workspace and workspace.in_use
+    assert torch.equal(output, reference)
+    assert not workspace.in_use
+    # Released when an error escapes the decoding loop too.
+    from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+
+    class Failing(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            assert kept(draft).in_use
+            raise RuntimeError("criterion failed")
+
+    with pytest.raises(RuntimeError, match="criterion failed"):
+        target.generate(
+            ids, assistant_model=draft, max_new_tokens=12, do_sample=False,
+            stopping_criteria=StoppingCriteriaList([Failing()]),
+        )
+    assert not kept(draft).in_use

@@ -1,14 +1,18 @@
 """CUDA graphs for the fixed-shape parts of a LongSpec round.
 
 A small target spends most of a round in Python and kernel launches, not on the GPU: a 30-layer model
-issues hundreds of launches per forward. Two parts of a round have shapes that stay fixed for a whole
-`generate` call, read every per-row length from device tensors and never wait for the device, so they
-are captured once and replayed:
+issues about a thousand launches per forward. Two parts of a round have shapes that stay fixed for a
+whole `generate` call, read every per-row length from device tensors and never wait for the device, so
+they are captured once and replayed:
 
 - the draft's tree proposal (greedy mode), which reads the token buffer and the lengths in place, and
-- the target's verify forward for a given node count, whose inputs are copied into static buffers.
+- the target's verify forward for a given tree shape (`verify.GraphedVerify`): lookup chains merged in,
+  node positions, logits and greedy acceptance; it reads the draft graph's tree in place and copies
+  other inputs into static buffers.
 
-The rest of a round (acceptance, compaction, output) stays eager: it is a few dozen small launches.
+The graphs live in the call's `workspace.DecodingWorkspace`, which later calls of the same shape reuse.
+The rest of a round (commit, output) stays eager: a dozen small launches and the host's bookkeeping,
+which overlaps with the next round's draft graph.
 """
 
 from __future__ import annotations

@@ -9,11 +9,14 @@ Each round
 3. processes the target's logits at every node as transformers would at that point of the sequence,
 4. accepts the deepest node whose path equals the target's choices, plus the target's bonus token
    (sampling: a lossless rule of `sampling.py` picks the path and draws the bonus token),
-5. compacts the accepted path's K/V into the committed cache of every layer,
-6. hands the new tokens to the output, which applies max length, EOS and stopping criteria per token.
+5. compacts the accepted path's K/V into the committed cache of every layer and appends the new
+   tokens to the token buffer, on the device, then waits for the device once,
+6. hands the new tokens to the output, which applies max length, EOS and stopping criteria per token
+   (greedy with CUDA graphs: while the next round's draft tree is already running).
 
 Rows advance at their own pace; every buffer has explicit per-row lengths (`seq_len`, the cache's
-`committed_len`, `pad_start`).
+`committed_len`, `pad_start`). A row that ends inside a round (EOS, max length) is done: it rides along
+with nothing gained from then on, and the output keeps only the tokens it took.
 """
 
 from __future__ import annotations
@@ -119,8 +122,9 @@ def longspec_decode(
     row's suffix where it occurred before (`retrieval.py`): the tree then has at most
     `1 + sum(tree_widths) + K * branch_length` nodes, dummies included, in every round. `adaptive` pauses
     the draft while it does not pay (`adaptive.py`). `cuda_graphs` replays the verify forward and the
-    greedy draft from CUDA graphs on a CUDA target (`cuda_graphs.py`); elsewhere the same fixed-shape
-    steps run eagerly. `cuda_graphs=False` runs the plain eager loop.
+    greedy draft from CUDA graphs on a CUDA target (`cuda_graphs.py`), kept on the draft for later calls
+    of the same shape (`workspace.py`); elsewhere the same fixed-shape steps run eagerly.
+    `cuda_graphs=False` runs the plain eager loop with fresh buffers.
     """
     batch_size, prompt_len = input_ids.shape
     device = input_ids.device
@@ -184,7 +188,7 @@ def longspec_decode(
     drafter = workspace.drafter
     draft.attach_target(target)
 
-    with longspec_attention(target):
+    with workspace.claim(), longspec_attention(target):
         # Prefill: the prompt's K/V become the committed prefix; its last logits give the first token.
         cache.begin_prefill(prompt_len)
         positions = (torch.arange(prompt_len, device=device)[None, :] - pad_start[:, None]).clamp(min=0)

@@ -14,7 +14,9 @@ device, so reusing them only means resetting the buffers' contents (`DecodingWor
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +125,8 @@ class DecodingWorkspace:
         self.drafter = LongSpecCandidateGenerator(draft, target, list(key.tree_widths), batch, self.cache.target_kv)
         self.verify = GraphedVerify(target, self.cache, self.seq_len, self.pad_start, key.accept_in_graph, key.capture)
         self.draft_graph: GraphedCall[DraftTree] | None = None
+        # Set while a call decodes with it: a concurrent call (another thread) gets its own buffers.
+        self.in_use = False
 
     @property
     def capacity(self) -> int:
@@ -131,6 +135,15 @@ class DecodingWorkspace:
     def fits(self, key: WorkspaceKey, capacity: int) -> bool:
         spare = SPARE_BLOCKS * (CAPACITY_BLOCK_CUDA if key.capture else CAPACITY_BLOCK_CPU)
         return key == self.key and capacity <= self.capacity <= capacity + spare
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[None]:
+        """Mark the workspace in use for the duration of a call (released on errors too)."""
+        self.in_use = True
+        try:
+            yield
+        finally:
+            self.in_use = False
 
     def start(self, input_ids: torch.Tensor, pad_start: torch.Tensor, pad_token_id: int) -> None:
         """Reset the buffers for a new call with prompt `input_ids` `(B, P)`."""
@@ -166,13 +179,17 @@ def acquire_workspace(
     Args:
         capacity: cache slots per row this call needs.
         keep: store a new workspace on the draft for later calls (the one it replaces is released first,
-            so the two never hold memory together).
+            so the two never hold memory together). A workspace that another call is using is neither
+            shared nor replaced: this call then gets buffers of its own.
     """
     key = WorkspaceKey.of(target, draft, input_ids, tree_widths, max_tree_nodes, accept_in_graph, capture)
     kept: DecodingWorkspace | None = getattr(draft, ATTRIBUTE, None)
-    if keep and kept is not None and kept.fits(key, capacity):
+    if kept is not None and kept.in_use:
+        keep = False  # another call is decoding with it: leave it alone
+    elif keep and kept is not None and kept.fits(key, capacity):
         return kept
-    release_workspace(draft)
+    if keep:
+        release_workspace(draft)
     block = CAPACITY_BLOCK_CUDA if capture else CAPACITY_BLOCK_CPU
     workspace = DecodingWorkspace(key, target, draft, -(-capacity // block) * block if keep else capacity)
     if keep:
