@@ -91,6 +91,13 @@ def test_prompt_past_the_positions(counted):
     assert not calls
 
 
+def test_autocast_is_refused(counted):
+    target, draft, calls = counted
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="torch.autocast"):
+        target.generate(ids(), assistant_model=draft, max_new_tokens=4)
+    assert not calls
+
+
 def test_right_padding_is_refused(counted):
     target, draft, calls = counted
     mask = torch.ones(2, 8, dtype=torch.long)

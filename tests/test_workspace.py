@@ -162,3 +162,15 @@ def test_a_workspace_in_use_is_neither_shared_nor_replaced():
             stopping_criteria=StoppingCriteriaList([Failing()]),
         )
     assert not kept(draft).in_use
+
+
+def test_calls_inside_and_outside_inference_mode_do_not_share_a_workspace():
+    target = make_target("llama", seed=25)
+    draft = make_draft(target, seed=26)
+    ids = torch.randint(3, target.config.vocab_size, (1, 30))
+    reference = target.generate(ids, max_new_tokens=10, do_sample=False)
+    for inference in (True, False, True, False):
+        with torch.inference_mode(inference):
+            output = target.generate(ids, assistant_model=draft, max_new_tokens=10, do_sample=False)
+        assert torch.equal(output, reference)
+        assert kept(draft).key.inference_mode == inference

@@ -21,6 +21,7 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation.utils import GenerationMixin
 
@@ -96,6 +97,11 @@ def check_draft_matches_target(target: PreTrainedModel, draft: LongSpecDraftMode
     if getattr(text_config, "use_sliding_window", False) and getattr(text_config, "sliding_window", None):
         raise ValueError("LongSpec does not support targets with sliding-window attention layers enabled.")
     target_device = target.get_input_embeddings().weight.device
+    if torch.is_autocast_enabled(target_device.type):
+        raise ValueError(
+            "generate() with a LongSpec draft does not run under torch.autocast: its caches and CUDA graphs "
+            "hold one dtype. Cast both models instead, e.g. target.to(torch.bfloat16) and draft.to(torch.bfloat16)."
+        )
     if draft.device != target_device:
         raise ValueError(
             f"The draft is on {draft.device} and the target on {target_device}: move the draft with draft.to(...)."

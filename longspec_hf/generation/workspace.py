@@ -50,6 +50,9 @@ class WorkspaceKey:
     max_tree_nodes: int
     accept_in_graph: bool
     capture: bool
+    # Tensors made under torch.inference_mode cannot be updated in place outside it (and vice versa
+    # for graphs captured there), so a workspace serves calls of the mode it was made in.
+    inference_mode: bool
     models: tuple[int, int]
     weights: tuple[int, ...]
 
@@ -74,6 +77,7 @@ class WorkspaceKey:
             max_tree_nodes=max_tree_nodes,
             accept_in_graph=accept_in_graph,
             capture=capture,
+            inference_mode=torch.is_inference_mode_enabled(),
             models=(id(target), id(draft)),
             # Graphs hold raw addresses: moved or replaced weights need new graphs.
             weights=tuple(t.data_ptr() for t in tensors),
