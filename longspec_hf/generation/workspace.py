@@ -4,7 +4,7 @@ A `generate` call allocates the target cache, the token buffer and the draft's c
 CUDA graphs against their addresses. Capturing costs as much as tens of decoding rounds of a small
 target, so, like transformers' static cache (`model._cache`), the [`DecodingWorkspace`] stays on the
 draft (`draft._longspec_workspace`) and the next call reuses it when it fits: same batch size, tree
-shape, acceptance mode and weights (by address), and a capacity at least what the call needs but not
+shape, acceptance mode, inference mode and weights (by address), and a capacity at least what the call needs but not
 far beyond it (a smaller call gets a fresh, smaller workspace, so memory follows the last call).
 `release_workspace(draft)` frees it.
 
@@ -30,9 +30,9 @@ from .tree import DraftTree
 from .verify import GraphedVerify
 
 ATTRIBUTE = "_longspec_workspace"
-# Capacity is allocated in whole blocks of this many slots (fewer on CPU, where the torch reference
-# attention reads the whole capacity); a kept workspace is reused while its spare slots stay below
-# SPARE_BLOCKS blocks.
+# Capacity is allocated in whole blocks of this many slots (fewer on CPU, where no graph capture is
+# saved by reuse and spare slots only hold memory); a kept workspace is reused while its spare slots
+# stay below SPARE_BLOCKS blocks.
 CAPACITY_BLOCK_CUDA = 256
 CAPACITY_BLOCK_CPU = 16
 SPARE_BLOCKS = 32
