@@ -216,8 +216,7 @@ def longspec_decode(
         # prompt and the first token before the first round). Known on the host, so no sync is needed.
         ring_lag = prompt_len + 1
         round_gain_limit = max_depth + 1
-        # Host mirrors of the cache's committed_len (compaction writes a whole path past it) and of seq_len.
-        committed_host = [prompt_len] * batch_size
+        # Host mirror of seq_len (the cache's committed_len is one less: the root is not committed yet).
         seq_len_host = [prompt_len + 1] * batch_size
         active_rows = [True] * batch_size
         active = torch.ones(batch_size, dtype=torch.bool, device=device)
@@ -315,7 +314,8 @@ def longspec_decode(
             # Commit on the device first. A row that ends inside this path (EOS, max length, a stopping
             # criterion) still advances by all it gained: it is done, and the output keeps only what
             # it took.
-            if max(committed_host) + path_width > cache.capacity:
+            # Compaction writes a whole path past each row's committed slots.
+            if max(seq_len_host) - 1 + path_width > cache.capacity:
                 raise RuntimeError("LongSpecCache capacity exceeded")
             cache.compact(acceptance.path, gained)
             write = seq_len[:, None] + torch.arange(path_width, device=device)
@@ -324,7 +324,6 @@ def longspec_decode(
             # The round's one wait for the device: what the host needs to emit tokens and keep statistics.
             host_rows = to_host.tolist()
             gained_host = [row[0] for row in host_rows]
-            committed_host = [c + g for c, g in zip(committed_host, gained_host)]
             lengths_before, seq_len_host = seq_len_host, [s + g for s, g in zip(seq_len_host, gained_host)]
             ring_lag = (0 if drafted else ring_lag) + max(gained_host)
             gained_active = [g for g, a in zip(gained_host, active_rows) if a]

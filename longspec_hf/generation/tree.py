@@ -179,8 +179,7 @@ class ChainLayout:
             raise ValueError("add_chains is applied once per tree")
         if tree.level_sizes != self.draft_level_sizes:
             raise ValueError(f"tree levels {tree.level_sizes} do not match the layout's {self.draft_level_sizes}")
-        batch = tree.tokens.shape[0]
-        num_nodes = self.parents.shape[0]
+        batch, num_nodes = tree.tokens.shape[0], self.num_nodes
         draft = self.draft_index
         tokens = tree.tokens.new_empty(batch, num_nodes)
         tokens[:, draft] = tree.tokens

@@ -15,38 +15,6 @@ from .cuda_graphs import GraphedCall, StaticInputs
 from .tree import ChainLayout, DraftTree, GreedyAcceptance, accept_greedy
 
 
-def verify_logits(
-    target: PreTrainedModel,
-    cache: LongSpecCache,
-    tree_tokens: torch.Tensor,
-    positions: torch.Tensor,
-    tree_mask: torch.Tensor,
-) -> torch.Tensor:
-    """`(B, 1 + N, V)` target logits at every node; the nodes' K/V land in the cache's tree scratch."""
-    return target(
-        input_ids=tree_tokens,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=0,
-        longspec=LongSpecAttentionInputs(cache, tree_mask=tree_mask),
-    ).logits
-
-
-def verify_and_accept(
-    target: PreTrainedModel, cache: LongSpecCache, tree: DraftTree, positions: torch.Tensor, accept: bool
-) -> tuple[torch.Tensor, GreedyAcceptance | None]:
-    """The target's logits at every node and, when `accept`, the greedy acceptance of the raw logits."""
-    logits = verify_logits(target, cache, tree.tokens, positions, tree.ancestors)
-    # argmax of the logits is the argmax of the float32 scores the eager path takes (the cast is exact).
-    return logits, accept_greedy(tree, logits.argmax(dim=-1)) if accept else None
-
-
-def tree_positions(seq_len: torch.Tensor, pad_start: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
-    """`(B, 1 + N)` position of every node: the root is each row's last token."""
-    return (seq_len - 1 - pad_start)[:, None] + depths[None, :]
-
-
 def merge_positions_verify(
     target: PreTrainedModel,
     cache: LongSpecCache,
@@ -57,16 +25,25 @@ def merge_positions_verify(
     layout: ChainLayout | None,
     accept: bool,
 ) -> tuple[DraftTree, torch.Tensor, GreedyAcceptance | None]:
-    """Hang the prompt-lookup `chains` under the root (when given), then [`verify_and_accept`].
+    """Hang the prompt-lookup `chains` under the root (when given) and run the target over the tree.
 
-    Returns the verified tree, its logits and (when `accept`) the greedy acceptance.
+    The nodes' K/V land in the cache's tree scratch. Returns the verified tree, the `(B, 1 + N, V)`
+    logits at every node and, when `accept`, the greedy acceptance of the raw logits.
     """
     if chains is not None:
         tree = layout.merge(tree, chains)
-    logits, acceptance = verify_and_accept(
-        target, cache, tree, tree_positions(seq_len, pad_start, tree.depths), accept
-    )
-    return tree, logits, acceptance
+    # The root is each row's last token.
+    positions = (seq_len - 1 - pad_start)[:, None] + tree.depths[None, :]
+    logits = target(
+        input_ids=tree.tokens,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=0,
+        longspec=LongSpecAttentionInputs(cache, tree_mask=tree.ancestors),
+    ).logits
+    # argmax of the logits is the argmax of the float32 scores the eager path takes (the cast is exact).
+    return tree, logits, accept_greedy(tree, logits.argmax(dim=-1)) if accept else None
 
 
 class GraphedVerify:
