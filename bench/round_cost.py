@@ -41,6 +41,8 @@ METHODS = {
     "no_draft": dict(tree_widths=[]),
     "tree": dict(),
     "hybrid": dict(prompt_lookup_branches=2),
+    "tree_compiled": dict(compile_draft=True),
+    "hybrid_compiled": dict(prompt_lookup_branches=2, compile_draft=True),
 }
 
 

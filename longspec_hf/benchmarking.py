@@ -13,6 +13,7 @@ Methods (all greedy, batch 1, the same `max_new_tokens`):
 
 `longspec_*_eager` variants run the same loop without CUDA graphs (`cuda_graphs=False`), which shows
 what the graphs save. Every LongSpec method but the eager ones uses them on a CUDA target.
+`longspec_*_compiled` variants also run the draft block through `torch.compile` (`compile_draft=True`).
 
 For each method: tokens/s, speedups over both transformers baselines, mean accepted tokens per round
 (tau) with a histogram of accepted lengths, and whether the tokens equal the autoregressive output (else
@@ -45,11 +46,14 @@ METHODS = (
     "longspec_hybrid_adaptive",
 )
 EAGER_METHODS = ("longspec_no_draft_eager", "longspec_tree_eager")
+COMPILED_METHODS = ("longspec_chain_compiled", "longspec_tree_compiled", "longspec_hybrid_compiled")
 
 
 def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
     if name.endswith("_eager"):
         return dict(method_kwargs(name.removesuffix("_eager"), draft), cuda_graphs=False)
+    if name.endswith("_compiled"):
+        return dict(method_kwargs(name.removesuffix("_compiled"), draft), compile_draft=True)
     return {
         "hf_autoregressive": {},
         "hf_prompt_lookup": {"prompt_lookup_num_tokens": 10},

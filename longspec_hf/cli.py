@@ -143,6 +143,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--tree-widths", type=int, nargs="*", default=None, help="nodes per tree level, e.g. 4 16 16 16 16")
     parser.add_argument("--no-draft", action="store_true", help="plain transformers generate, for comparison")
+    parser.add_argument("--compile-draft", action="store_true",
+                        help="run the draft block through torch.compile (CUDA, greedy; compiles for a few seconds first)")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -164,6 +166,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         options.update(assistant_model=_load_draft(args.draft, device, dtype), longspec_stats=stats)
         if args.tree_widths is not None:
             options["tree_widths"] = args.tree_widths
+        if args.compile_draft:
+            options["compile_draft"] = True
     if args.seed is not None:
         torch.manual_seed(args.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True)
@@ -223,7 +227,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument(
         "--methods", nargs="+", default=None,
-        help="methods to run (default: all but the *_eager ones, which run LongSpec without CUDA graphs)",
+        help="methods to run (default: all but the *_eager ones, which run LongSpec without CUDA graphs, "
+        "and the *_compiled ones, which compile the draft block)",
     )
     parser.add_argument("--out-dir", default="longspec-bench", help="where results.json/.md and plots go")
 
@@ -233,11 +238,11 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .benchmarking import EAGER_METHODS, METHODS, markdown_table, run_benchmark, summary_rows, write_report
+    from .benchmarking import COMPILED_METHODS, EAGER_METHODS, METHODS, markdown_table, run_benchmark, summary_rows, write_report
 
-    unknown = sorted(set(args.methods or ()) - set(METHODS + EAGER_METHODS))
+    unknown = sorted(set(args.methods or ()) - set(METHODS + EAGER_METHODS + COMPILED_METHODS))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS + EAGER_METHODS)}")
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS + EAGER_METHODS + COMPILED_METHODS)}")
     device, dtype = _device_and_dtype(args)
     target, tokenizer = _load_target(args.target, device, dtype, args.gguf_file)
     draft = _load_draft(args.draft, device, dtype)

@@ -6,6 +6,7 @@ import torch
 
 from longspec_hf import LongSpecCandidateGenerator
 from longspec_hf.generation import target_kv_from_cache
+from longspec_hf.modeling import cache_keyword, output_cache
 
 from .conftest import make_draft, make_target
 
@@ -16,7 +17,7 @@ def test_transformers_assisted_loop_with_a_longspec_chain_matches_plain_generate
     built = []
 
     def candidate_generator(*, generation_config, model_kwargs, **unused):
-        cache = model_kwargs["past_key_values"]
+        cache = model_kwargs[cache_keyword(target)]
         generator = LongSpecCandidateGenerator(
             draft,
             target,
@@ -47,7 +48,7 @@ def test_get_candidates_proposes_the_chain():
     ids = torch.randint(3, 96, (1, 12))
     with torch.no_grad():
         out = target(ids, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     generator = LongSpecCandidateGenerator(draft, target, [1, 1, 1], 1, lambda: target_kv_from_cache(cache))
     # The cache holds the prompt: the root (last token) is committed already, as in a chain extension.
     candidates, logits = generator.get_candidates(torch.cat([ids, ids[:, -1:]], dim=1))

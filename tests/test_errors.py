@@ -63,6 +63,7 @@ def test_unsupported_architecture_names_the_supported_ones():
         (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
         (dict(tree_widths=[0, 2]), "tree_widths"),
         (dict(tree_widths=3), "tree_widths"),
+        (dict(compile_draft="yes"), "compile_draft"),
     ],
 )
 def test_unsupported_generation_arguments(counted, kwargs, message):

@@ -123,3 +123,22 @@ def test_cuda_graphs_kept_between_calls_match_plain_generate():
         release_workspace(draft)
         target.generate(longest, assistant_model=draft, max_new_tokens=80, do_sample=False, prompt_lookup_branches=2)
         workspace = draft.__dict__[ATTRIBUTE]
+
+
+def test_compiled_draft_on_cuda_matches_plain_generate():
+    """`compile_draft=True`: the draft block runs through torch.compile inside the draft's CUDA graph (the
+    target-KV attention as an opaque custom op); outputs stay those of plain generate."""
+    rng = random.Random("compiled-draft")
+    target = make_target("llama", seed=9, num_key_value_heads=2, hidden_size=64, num_attention_heads=4).cuda()
+    draft = make_draft(target, seed=10).cuda()
+    mismatches = []
+    for case in range(8):
+        ids, mask = random_batch(rng, target.config.vocab_size, rng.choice([1, 2]), rng.randrange(1, 200))
+        kwargs = dict(attention_mask=mask.cuda(), max_new_tokens=rng.choice([9, 60]), do_sample=False)
+        reference = target.generate(ids.cuda(), **kwargs)
+        stats = LongSpecStats()
+        output = target.generate(ids.cuda(), assistant_model=draft, compile_draft=True, longspec_stats=stats, **kwargs)
+        if not torch.equal(reference, output):
+            mismatches.append(case)
+    assert not mismatches
+    assert stats.mean_accepted_length > 1

@@ -174,3 +174,30 @@ def test_calls_inside_and_outside_inference_mode_do_not_share_a_workspace():
             output = target.generate(ids, assistant_model=draft, max_new_tokens=10, do_sample=False)
         assert torch.equal(output, reference)
         assert kept(draft).key.inference_mode == inference
+
+
+def test_compiled_draft_drafts_like_the_eager_one_in_its_own_workspace():
+    """`compile_draft=True` runs the draft block through torch.compile: the same proposals round by round
+    (Inductor fuses the block's pointwise work; the few ulps it may change do not flip a draft token
+    here), outputs equal plain generate, and the compiled graph lives in a workspace of its own."""
+    from longspec_hf import LongSpecStats
+
+    target = make_target("llama", seed=29)
+    draft = make_draft(target, seed=30)
+    ids = torch.randint(3, target.config.vocab_size, (1, 45))
+    reference = target.generate(ids, max_new_tokens=30, do_sample=False)
+
+    def run(**kwargs):
+        stats = LongSpecStats()
+        out = target.generate(
+            ids, assistant_model=draft, max_new_tokens=30, do_sample=False, longspec_stats=stats, **kwargs
+        )
+        return out, stats.accepted_lengths, kept(draft)
+
+    eager_out, eager_accepted, eager_workspace = run()
+    compiled_out, compiled_accepted, compiled_workspace = run(compile_draft=True)
+    assert torch.equal(eager_out, reference) and torch.equal(compiled_out, reference)
+    assert compiled_accepted == eager_accepted
+    assert max(compiled_accepted) > 1
+    assert compiled_workspace is not eager_workspace and compiled_workspace.key.compile_draft
+    assert compiled_workspace.drafter._compiled_passes is not None

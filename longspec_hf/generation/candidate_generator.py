@@ -16,7 +16,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.logits_process import LogitsProcessorList
 
 from ..modeling import LongSpecDraftModel, TargetKV
-from .tree import DraftTree, expand_level
+from .tree import DraftTree, expand_level, expand_level_greedy
 
 
 def target_kv_from_cache(cache: Cache) -> TargetKV:
@@ -59,6 +59,20 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         self.max_length = max_length
         draft.attach_target(target)
         self.cache = draft.new_cache(batch_size, max_tree_nodes=sum(self.tree_widths))
+        self._compiled_passes: tuple[Callable, Callable] | None = None
+
+    def _block_passes(self, compiled: bool) -> tuple[Callable, Callable]:
+        """The draft's root pass and tree-level pass, eager or through `torch.compile` (made once)."""
+        if not compiled:
+            return self.draft.append_and_query_root, self.draft.query_tree_level
+        if self._compiled_passes is None:
+            # Shapes are fixed per tree (one specialisation per level), so no dynamic shapes: Inductor
+            # fuses the block's norms, rotary embeddings, masks and residuals into a few kernels.
+            self._compiled_passes = (
+                torch.compile(self.draft.append_and_query_root, dynamic=False),
+                torch.compile(self.draft.query_tree_level, dynamic=False),
+            )
+        return self._compiled_passes
 
     @torch.no_grad()
     def propose_tree(
@@ -70,6 +84,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         draft_warpers: LogitsProcessorList | None = None,
         sample_children: bool = False,
         new_tokens_bound: int | None = None,
+        compiled: bool = False,
     ) -> DraftTree:
         """Draft a tree rooted at each row's last token.
 
@@ -87,6 +102,8 @@ class LongSpecCandidateGenerator(CandidateGenerator):
                 the previous call (the root included). With it every shape is fixed and nothing waits
                 for the device, so the call can be captured in a CUDA graph; without it the bound is
                 read from the device.
+            compiled: run the draft block through `torch.compile` (meant for calls that repeat one
+                `new_tokens_bound`, as the graphed greedy loop does: each new shape compiles anew).
 
         Returns:
             A [`DraftTree`] with `1 + sum(tree_widths)` nodes; with no levels, just the roots (the draft
@@ -95,18 +112,25 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         if not self.tree_widths:
             return DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
         target_kv = self.target_kv()
-        root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv, new_tokens_bound)
+        root_pass, level_pass = self._block_passes(compiled)
+        root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv, new_tokens_bound, root_pass)
         root_tokens = tokens.gather(1, (seq_len - 1)[:, None])[:, 0]
         root_position = seq_len - 1 - pad_start
         tree = DraftTree.root_only(root_tokens)
-        log_probs = self._draft_log_probs(root_logits[:, None], draft_warpers)  # (B, 1, V)
+        # Greedy trees need only each node's top children; sampling keeps every non-leaf q on the tree.
+        greedy = draft_warpers is None and not sample_children
+        logits = root_logits[:, None]  # (B, 1, V)
         for level, width in enumerate(self.tree_widths, start=1):
             parents = tree.level_slice(level - 1)
-            if draft_warpers is not None or sample_children:
+            parent_scores = tree.log_probs[:, parents]
+            if greedy:
+                new_tokens, parent_local, scores = expand_level_greedy(logits, parent_scores, width)
+            else:
+                log_probs = self._draft_log_probs(logits, draft_warpers)
                 tree.draft_log_probs.append(log_probs)
-            new_tokens, parent_local, scores = expand_level(
-                log_probs, tree.log_probs[:, parents], width, sample_children=sample_children
-            )
+                new_tokens, parent_local, scores = expand_level(
+                    log_probs, parent_scores, width, sample_children=sample_children
+                )
             tree.add_level(new_tokens, parent_local + parents.start, scores)
             if level == len(self.tree_widths):
                 break
@@ -114,10 +138,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             # Scratch slot of node i is i - 1 (the root lives in the ring).
             visible = tree.ancestors[:, nodes, 1 : nodes.stop]
             positions = (root_position[:, None] + level).expand_as(new_tokens)
-            logits = self.draft.query_tree_level(
-                new_tokens, positions, nodes.start - 1, visible, self.cache, target_kv
-            )
-            log_probs = self._draft_log_probs(logits, draft_warpers)
+            logits = level_pass(new_tokens, positions, nodes.start - 1, visible, self.cache, target_kv)
         return tree
 
     @torch.no_grad()
@@ -130,7 +151,8 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         first when more came in (the prompt, rounds without drafting). Arguments as in `propose_tree`.
         """
         if self.tree_widths:
-            self._consume_committed(tokens, seq_len, pad_start, self.target_kv(), new_tokens_bound)
+            root_pass = self.draft.append_and_query_root
+            self._consume_committed(tokens, seq_len, pad_start, self.target_kv(), new_tokens_bound, root_pass)
 
     @staticmethod
     def _draft_log_probs(logits: torch.Tensor, draft_warpers: LogitsProcessorList | None) -> torch.Tensor:
@@ -150,6 +172,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         pad_start: torch.Tensor,
         target_kv: TargetKV,
         new_tokens_bound: int | None,
+        root_pass: Callable[..., torch.Tensor],
     ) -> torch.Tensor:
         """Feed each row's tokens the ring has not seen (at least the root); return the root's logits."""
         cache = self.cache
@@ -164,7 +187,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         slots = (seq_len - chunk)[:, None] + torch.arange(chunk, device=tokens.device)
         valid = slots >= first[:, None]
         slots = torch.maximum(slots, first[:, None])
-        logits = self.draft.append_and_query_root(
+        logits = root_pass(
             tokens.gather(1, slots), slots - pad_start[:, None], valid, cache, target_kv
         )
         cache.seen_len.copy_(seq_len)

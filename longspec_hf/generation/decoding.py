@@ -32,7 +32,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..modeling import LongSpecDraftModel
+from ..modeling import LongSpecDraftModel, cache_keyword
 from .adaptive import AdaptiveDrafting
 from .attention import LongSpecAttentionInputs, longspec_attention
 from .cuda_graphs import GraphedCall
@@ -112,6 +112,7 @@ def longspec_decode(
     prompt_lookup_branches: int = 0,
     adaptive: bool = False,
     cuda_graphs: bool = True,
+    compile_draft: bool = False,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """LongSpec tree decoding; returns what `target.generate` returns for the same arguments.
 
@@ -124,7 +125,9 @@ def longspec_decode(
     the draft while it does not pay (`adaptive.py`). `cuda_graphs` replays the verify forward and the
     greedy draft from CUDA graphs on a CUDA target (`cuda_graphs.py`), kept on the draft for later calls
     of the same shape (`workspace.py`); elsewhere the same fixed-shape steps run eagerly.
-    `cuda_graphs=False` runs the plain eager loop with fresh buffers.
+    `cuda_graphs=False` runs the plain eager loop with fresh buffers. `compile_draft` runs the draft
+    block of that greedy graph through `torch.compile` (fewer, fused kernels per tree level; the first
+    call of a process compiles for a few seconds).
     """
     batch_size, prompt_len = input_ids.shape
     device = input_ids.device
@@ -181,6 +184,7 @@ def longspec_decode(
         capacity=capacity,
         accept_in_graph=accept_in_graph,
         capture=capture,
+        compile_draft=compile_draft and use_graphs and not do_sample,
         keep=use_graphs,
     )
     workspace.start(input_ids, pad_start, pad_token_id)
@@ -195,7 +199,7 @@ def longspec_decode(
         logits = target(
             input_ids=input_ids,
             position_ids=positions,
-            past_key_values=cache,
+            **{cache_keyword(target): cache},
             use_cache=True,
             logits_to_keep=1,
             longspec=LongSpecAttentionInputs(cache),
@@ -253,7 +257,12 @@ def longspec_decode(
             if workspace.draft_graph is None:
                 workspace.draft_graph = GraphedCall(
                     functools.partial(
-                        drafter.propose_tree, tokens, seq_len, pad_start, new_tokens_bound=round_gain_limit
+                        drafter.propose_tree,
+                        tokens,
+                        seq_len,
+                        pad_start,
+                        new_tokens_bound=round_gain_limit,
+                        compiled=workspace.key.compile_draft,
                     ),
                     capture,
                 )

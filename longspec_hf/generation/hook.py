@@ -5,7 +5,7 @@ Two class-level wrappers on `GenerationMixin`, installed once by `install()`:
 - `generate`: when the assistant is a [`LongSpecDraftModel`], checks the target, the draft and the
   generation arguments before any forward pass and takes the LongSpec-only keywords (`tree_widths`,
   `longspec_stats`, `sampling_rule`, `prompt_lookup_branches` (default 0: off), `adaptive` (default
-  False), `cuda_graphs` (default True)); then transformers' own `generate` prepares the generation
+  False), `cuda_graphs` (default True), `compile_draft` (default False)); then transformers' own `generate` prepares the generation
   config, logits processors and stopping criteria as usual.
 - `_assisted_decoding`: where transformers would run its assisted loop, runs `longspec_decode` instead
   for a LongSpec draft.
@@ -38,6 +38,7 @@ LONGSPEC_KEYWORDS = (
     "prompt_lookup_branches",
     "adaptive",
     "cuda_graphs",
+    "compile_draft",
 )
 
 
@@ -51,6 +52,7 @@ class LongSpecRequest:
     prompt_lookup_branches: int = 0
     adaptive: bool = False
     cuda_graphs: bool = True
+    compile_draft: bool = False
 
 
 # Carries the request of the `generate` call being run from the `generate` wrapper to the decoding
@@ -181,6 +183,9 @@ def generate(self: PreTrainedModel, *args, **kwargs):
     cuda_graphs = kwargs.pop("cuda_graphs", True)
     if not isinstance(cuda_graphs, bool):
         raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    compile_draft = kwargs.pop("compile_draft", False)
+    if not isinstance(compile_draft, bool):
+        raise ValueError(f"compile_draft must be True or False, got {compile_draft!r}")
     generation_config = bound.arguments.get("generation_config")
     check_draft_matches_target(self, draft)
     _check_generation_arguments(self, generation_config, kwargs)
@@ -191,6 +196,7 @@ def generate(self: PreTrainedModel, *args, **kwargs):
         prompt_lookup_branches,
         adaptive,
         cuda_graphs,
+        compile_draft,
     )
     token = _current_request.set(request)
     try:
@@ -222,6 +228,7 @@ def _assisted_decoding(self: PreTrainedModel, input_ids, *args, **kwargs):
         prompt_lookup_branches=request.prompt_lookup_branches,
         adaptive=request.adaptive,
         cuda_graphs=request.cuda_graphs,
+        compile_draft=request.compile_draft,
     )
 
 

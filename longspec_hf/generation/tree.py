@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import kernels
+
 
 @dataclass
 class DraftTree:
@@ -227,11 +229,10 @@ def expand_level(
     # The global top-`width` pairs are among each parent's own top-`width` children.
     per_parent = min(width, vocab)
     child_scores, child_tokens = log_probs.topk(per_parent, dim=-1)
-    pair_scores = (parent_scores[..., None] + child_scores).reshape(batch, -1)
-    scores, pair = pair_scores.topk(width, dim=-1)
     if not sample_children:
-        tokens = child_tokens.reshape(batch, -1).gather(1, pair)
-        return tokens, pair // per_parent, scores
+        return _best_pairs(child_scores, child_tokens, parent_scores, width)
+    pair_scores = (parent_scores[..., None] + child_scores).reshape(batch, -1)
+    pair = pair_scores.topk(width, dim=-1).indices
     # How many children each parent gets; take ranks 0..count-1 of each parent (a prefix even when tied
     # scores made the beam step pick a later rank), ordered parent-major.
     counts = torch.zeros(batch, num_parents, dtype=torch.long, device=log_probs.device)
@@ -248,6 +249,31 @@ def expand_level(
     parent_local = order // per_parent
     token_log_probs = log_probs.reshape(batch, -1).gather(1, parent_local * vocab + tokens)
     return tokens, parent_local, parent_scores.gather(1, parent_local) + token_log_probs
+
+
+def expand_level_greedy(
+    logits: torch.Tensor, parent_scores: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`expand_level` in greedy mode, from the draft's raw logits `(B, n, V)`: only each parent's top
+    children are normalised (`kernels.topk_log_softmax`), never the whole `(B, n, V)` log-softmax."""
+    batch, num_parents, vocab = logits.shape
+    width = min(width, num_parents * vocab)
+    per_parent = min(width, vocab)
+    child_scores, child_tokens = kernels.topk_log_softmax(logits.reshape(-1, vocab), per_parent)
+    shape = (batch, num_parents, per_parent)
+    return _best_pairs(child_scores.view(shape), child_tokens.view(shape), parent_scores, width)
+
+
+def _best_pairs(
+    child_scores: torch.Tensor, child_tokens: torch.Tensor, parent_scores: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The beam step: the `width` best (parent, child) pairs by cumulative log-probability, from each
+    parent's top children `(B, n, k)` (scores and tokens)."""
+    batch, _, per_parent = child_scores.shape
+    pair_scores = (parent_scores[..., None] + child_scores).reshape(batch, -1)
+    scores, pair = pair_scores.topk(width, dim=-1)
+    tokens = child_tokens.reshape(batch, -1).gather(1, pair)
+    return tokens, pair // per_parent, scores
 
 
 @dataclass

@@ -9,6 +9,7 @@ import functools
 import torch
 from transformers import PreTrainedModel
 
+from ..modeling import cache_keyword
 from .attention import LongSpecAttentionInputs
 from .cache import LongSpecCache
 from .cuda_graphs import GraphedCall, StaticInputs
@@ -37,7 +38,7 @@ def merge_positions_verify(
     logits = target(
         input_ids=tree.tokens,
         position_ids=positions,
-        past_key_values=cache,
+        **{cache_keyword(target): cache},
         use_cache=True,
         logits_to_keep=0,
         longspec=LongSpecAttentionInputs(cache, tree_mask=tree.ancestors),

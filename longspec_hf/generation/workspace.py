@@ -50,6 +50,7 @@ class WorkspaceKey:
     max_tree_nodes: int
     accept_in_graph: bool
     capture: bool
+    compile_draft: bool
     # Tensors made under torch.inference_mode cannot be updated in place outside it (and vice versa
     # for graphs captured there), so a workspace serves calls of the mode it was made in.
     inference_mode: bool
@@ -66,6 +67,7 @@ class WorkspaceKey:
         max_tree_nodes: int,
         accept_in_graph: bool,
         capture: bool,
+        compile_draft: bool = False,
     ) -> "WorkspaceKey":
         tensors = itertools.chain(target.parameters(), target.buffers(), draft.parameters(), draft.buffers())
         return cls(
@@ -77,6 +79,7 @@ class WorkspaceKey:
             max_tree_nodes=max_tree_nodes,
             accept_in_graph=accept_in_graph,
             capture=capture,
+            compile_draft=compile_draft,
             inference_mode=torch.is_inference_mode_enabled(),
             models=(id(target), id(draft)),
             # Graphs hold raw addresses: moved or replaced weights need new graphs.
@@ -177,6 +180,7 @@ def acquire_workspace(
     accept_in_graph: bool,
     capture: bool,
     keep: bool,
+    compile_draft: bool = False,
 ) -> DecodingWorkspace:
     """The draft's kept workspace when it fits this call, else a new one (kept on the draft if `keep`).
 
@@ -186,7 +190,9 @@ def acquire_workspace(
             so the two never hold memory together). A workspace that another call is using is neither
             shared nor replaced: this call then gets buffers of its own.
     """
-    key = WorkspaceKey.of(target, draft, input_ids, tree_widths, max_tree_nodes, accept_in_graph, capture)
+    key = WorkspaceKey.of(
+        target, draft, input_ids, tree_widths, max_tree_nodes, accept_in_graph, capture, compile_draft
+    )
     kept: DecodingWorkspace | None = getattr(draft, ATTRIBUTE, None)
     if kept is not None and kept.in_use:
         keep = False  # another call is decoding with it: leave it alone

@@ -1,7 +1,8 @@
 """Attention and cache kernels. Each Triton kernel sits beside the pure-torch reference in `reference.py`.
 
-`prefix_tree_attention` and `compact_kv` run the Triton kernels on CUDA tensors when Triton is
-installed and the inputs are supported, and the torch reference otherwise (CPU, other dtypes).
+`prefix_tree_attention`, `prefix_attention`, `compact_kv` and `topk_log_softmax` run the Triton kernels
+on CUDA tensors when Triton is installed and the inputs are supported, and the torch reference otherwise
+(CPU, other dtypes).
 `backend="torch"` or `backend="triton"` forces one (a forced Triton call on unsupported inputs raises).
 Triton is optional: without it everything runs on the reference.
 
@@ -17,9 +18,10 @@ from .reference import attention_with_lse, merge_attention, prefix_visibility
 
 try:
     from . import compaction as _compaction_triton
+    from . import topk as _topk_triton
     from . import tree_attention as _tree_attention_triton
 except ImportError:  # triton is not installed
-    _compaction_triton = _tree_attention_triton = None
+    _compaction_triton = _topk_triton = _tree_attention_triton = None
 
 __all__ = [
     "attention_with_lse",
@@ -28,6 +30,7 @@ __all__ = [
     "prefix_attention",
     "prefix_tree_attention",
     "prefix_visibility",
+    "topk_log_softmax",
 ]
 
 
@@ -85,6 +88,8 @@ def prefix_attention(
     module = _tree_attention_triton
     reason = lambda: module.unsupported_reason(query, key, value, None, None, None, scale)
     if _use_triton(backend, module, reason, query.device):
+        if torch.compiler.is_compiling():
+            return module.prefix_attention_op(query, key, value, start, end, scale)
         return module.prefix_attention_with_lse(query, key, value, start, end, scale)
     return reference.prefix_attention(query, key, value, start, end, scale)
 
@@ -104,3 +109,13 @@ def compact_kv(
         module.compact_kv(kv, kv_scratch, source_index, dest_start)
     else:
         reference.compact_kv(kv, kv_scratch, source_index, dest_start)
+
+
+def topk_log_softmax(logits: torch.Tensor, k: int, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`k` log-probabilities `(R, k)` (float32) and their indices of each row of `logits` `(R, V)`
+    (see `reference.topk_log_softmax`); the Triton path orders equal values by lower index."""
+    module = _topk_triton
+    reason = lambda: module.unsupported_reason(logits, k)
+    if _use_triton(backend, module, reason, logits.device):
+        return module.topk_log_softmax(logits, k)
+    return reference.topk_log_softmax(logits, k)

@@ -87,7 +87,8 @@ def prefix_attention(
     """Attention of `query` `(B, Hq, Tq, D)` over the slots `[start[b], end[b])` of `key`/`value`
     `(B, Hkv, S, D)`, every query of row `b` seeing all of them. Returns `out` `(B, Hq, Tq, D)` and
     `lse` `(B, Hq, Tq)` (float32). Every row needs at least one slot."""
-    num_slots = int(end.max()) if end.numel() else 0
+    # Eagerly, read no slot past the longest row; compiled code cannot wait for that value.
+    num_slots = key.shape[2] if torch.compiler.is_compiling() else int(end.max()) if end.numel() else 0
     visible = prefix_visibility(start, end, num_slots)
     return attention_with_lse(query, key[:, :, :num_slots], value[:, :, :num_slots], visible, scale)
 
@@ -146,3 +147,9 @@ def compact_kv(
     dest_index = dest_start[:, None] + torch.arange(source_index.shape[1], device=source_index.device)
     # Advanced indices on dims 2 and 4 (split by a slice) put the index dims first: (B, P, L, 2, Hkv, D).
     kv[:, :, rows, :, dest_index] = kv_scratch[:, :, rows, :, source_index]
+
+
+def topk_log_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` largest entries of `log_softmax(logits)` of each row `(R, V)`, computed in float32, and
+    their indices, both `(R, k)`, largest first (the order of equal values is unspecified here)."""
+    return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)

@@ -425,3 +425,17 @@ def two_pass_prefix_tree_attention(
     out_prefix, lse_prefix = prefix_attention_with_lse(query, key_prefix, value_prefix, prefix_start, prefix_end, scale)
     out_tree, lse_tree = tree_attention_with_lse(query, key_tree, value_tree, tree_mask, scale, num_splits=1)
     return merge_attention(out_prefix, lse_prefix, out_tree, lse_tree)
+
+
+# torch.compile cannot look inside a Triton launch that picks its tiles in Python, so compiled code
+# reaches the mask-free prefix kernel through this opaque operator (outputs are fresh, never views).
+@torch.library.custom_op("longspec::prefix_attention", mutates_args=())
+def prefix_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor, end: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return prefix_attention_with_lse(query, key, value, start, end, scale)
+
+
+@prefix_attention_op.register_fake
+def _(query, key, value, start, end, scale):
+    return torch.empty_like(query, memory_format=torch.contiguous_format), query.new_empty(query.shape[:3], dtype=torch.float32)

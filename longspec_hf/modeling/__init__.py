@@ -1,5 +1,6 @@
 """The LongSpec draft model and its configuration. Never imports `generation` or `training`."""
 
+from .cache_keyword import cache_keyword, output_cache
 from .configuration_longspec import SUPPORTED_TARGET_TYPES, LongSpecDraftConfig, check_supported_target
 from .modeling_longspec import DraftCache, LongSpecDraftModel, TargetKV, TargetParts
 
@@ -10,5 +11,7 @@ __all__ = [
     "LongSpecDraftModel",
     "TargetKV",
     "TargetParts",
+    "cache_keyword",
     "check_supported_target",
+    "output_cache",
 ]

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..modeling import output_cache
+
 LOSS_KINDS = ("ce", "kl")
 
 
@@ -28,7 +30,7 @@ class TargetBatch:
 def run_target(target, input_ids: torch.Tensor, position_ids: torch.Tensor) -> TargetBatch:
     """One forward of the frozen `target` over `input_ids` `(B, T)` at `position_ids` `(B, T)`."""
     out = target(input_ids=input_ids, position_ids=position_ids, use_cache=True)
-    last_layer = out.past_key_values.layers[-1]
+    last_layer = output_cache(out).layers[-1]
     return TargetBatch(key=last_layer.keys, value=last_layer.values, logits=out.logits)
 
 

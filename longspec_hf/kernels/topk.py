@@ -1,0 +1,139 @@
+"""Top-k of the log-softmax of each row, in Triton: what a greedy draft needs from its logits per tree level.
+
+What it computes is `reference.topk_log_softmax`: the `k` largest entries of `log_softmax(logits)` per
+row (float32) and their indices, largest first, ties by lower index.
+
+Why: a greedy tree level needs only each node's best few children and their log-probabilities, but
+torch spends a log-softmax over the whole vocabulary plus a multi-pass radix top-k (about eight
+launches) on it, which was a quarter of the draft's time per round on a small target. Here:
+
+* Stage 1, program (row, chunk): one `CHUNK`-wide slice of the vocabulary in registers. It writes the
+  slice's maximum and its sum of `exp(x - max)`, and its own top `k` by `k` rounds of "largest value not
+  taken yet, lowest index among equals".
+* Stage 2, program (row): the exact log-sum-exp from the chunks' (max, sum) pairs, and the top `k` of
+  the `chunks * k` candidates the same way (the row's top `k` are among its chunks' top `k`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_K = 64
+CHUNK = 4096  # vocabulary entries per stage-1 program (registers: 32 per thread with 4 warps)
+
+
+@triton.jit
+def _take_largest(values, positions, taken, valid):
+    """(value, position) of the largest untaken valid entry, lowest position among equal values."""
+    free = valid & (taken == 0)
+    best = tl.max(tl.where(free, values, float("-inf")), axis=0)
+    # `values == best` also catches -inf entries when nothing finite is left.
+    position = tl.min(tl.where(free & (values == best), positions, 2147483647), axis=0)
+    return best, position
+
+
+@triton.jit(do_not_specialize=["vocab"])
+def _chunk_topk_kernel(
+    Logits, Cand_value, Cand_index, Chunk_max, Chunk_sum,
+    vocab, num_chunks, stride_lr, stride_lv,
+    K: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    offsets = chunk * CHUNK_SIZE + tl.arange(0, CHUNK_SIZE)
+    valid = offsets < vocab
+    x = tl.load(Logits + row * stride_lr + offsets * stride_lv, mask=valid, other=float("-inf")).to(tl.float32)
+
+    chunk_max = tl.max(x, axis=0)
+    shift = tl.where(chunk_max == float("-inf"), 0.0, chunk_max)  # an all -inf slice sums to 0, not nan
+    chunk_sum = tl.sum(tl.where(valid, tl.exp(x - shift), 0.0), axis=0)
+    out = row * num_chunks + chunk
+    tl.store(Chunk_max + out, chunk_max)
+    tl.store(Chunk_sum + out, chunk_sum)
+
+    taken = tl.zeros([CHUNK_SIZE], dtype=tl.int32)
+    for rank in tl.static_range(K):
+        best, position = _take_largest(x, offsets, taken, valid)
+        tl.store(Cand_value + out * K + rank, best)
+        tl.store(Cand_index + out * K + rank, position)
+        taken = tl.where(offsets == position, 1, taken)
+
+
+@triton.jit
+def _merge_topk_kernel(
+    Cand_value, Cand_index, Chunk_max, Chunk_sum, Out_value, Out_index,
+    num_chunks, stride_or, stride_ok,
+    K: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, BLOCK_CANDIDATES: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunks = tl.arange(0, BLOCK_CHUNKS)
+    chunk_valid = chunks < num_chunks
+    chunk_max = tl.load(Chunk_max + row * num_chunks + chunks, mask=chunk_valid, other=float("-inf"))
+    chunk_sum = tl.load(Chunk_sum + row * num_chunks + chunks, mask=chunk_valid, other=0.0)
+    row_max = tl.max(chunk_max, axis=0)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    scaled = tl.where(chunk_sum > 0, chunk_sum * tl.exp(chunk_max - shift), 0.0)
+    log_normalizer = shift + tl.log(tl.sum(scaled, axis=0))
+
+    slots = tl.arange(0, BLOCK_CANDIDATES)
+    valid = slots < num_chunks * K
+    values = tl.load(Cand_value + row * num_chunks * K + slots, mask=valid, other=float("-inf"))
+    indices = tl.load(Cand_index + row * num_chunks * K + slots, mask=valid, other=0)
+    # Candidates are ordered by chunk, then rank: the lowest slot among equal values has the lowest index.
+    taken = tl.zeros([BLOCK_CANDIDATES], dtype=tl.int32)
+    for rank in tl.static_range(K):
+        best, slot = _take_largest(values, slots, taken, valid)
+        index = tl.sum(tl.where(slots == slot, indices, 0), axis=0)
+        tl.store(Out_value + row * stride_or + rank * stride_ok, best - log_normalizer)
+        tl.store(Out_index + row * stride_or + rank * stride_ok, index.to(tl.int64))
+        taken = tl.where(slots == slot, 1, taken)
+
+
+INTERPRETED = type(_chunk_topk_kernel).__name__ == "InterpretedFunction"
+
+
+def unsupported_reason(logits: torch.Tensor, k: int) -> str | None:
+    """Why these inputs cannot go to the kernel, or None when they can."""
+    if logits.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {logits.dtype} (supported: {SUPPORTED_DTYPES})"
+    if logits.dim() != 2:
+        return "expected logits (rows, vocab)"
+    if not 1 <= k <= min(MAX_K, logits.shape[1]):
+        return f"k={k} outside [1, min({MAX_K}, vocab)]"
+    if logits.shape[1] >= 2**31:
+        return "vocabulary too large for int32 positions"
+    if logits.device.type != "cuda" and not INTERPRETED:
+        return "CPU tensors (the Triton kernels need CUDA, or TRITON_INTERPRET=1 at import)"
+    return None
+
+
+def topk_log_softmax(logits: torch.Tensor, k: int, chunk_size: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused top-k of the row-wise log-softmax; same arguments and results as the reference."""
+    rows, vocab = logits.shape
+    device = logits.device
+    values = torch.empty(rows, k, dtype=torch.float32, device=device)
+    indices = torch.empty(rows, k, dtype=torch.long, device=device)
+    if rows == 0:
+        return values, indices
+    chunk_size = min(chunk_size, max(16, triton.next_power_of_2(vocab)))
+    num_chunks = triton.cdiv(vocab, chunk_size)
+    cand_value = torch.empty(rows, num_chunks, k, dtype=torch.float32, device=device)
+    cand_index = torch.empty(rows, num_chunks, k, dtype=torch.int32, device=device)
+    chunk_max = torch.empty(rows, num_chunks, dtype=torch.float32, device=device)
+    chunk_sum = torch.empty(rows, num_chunks, dtype=torch.float32, device=device)
+    _chunk_topk_kernel[(rows, num_chunks)](
+        logits, cand_value, cand_index, chunk_max, chunk_sum,
+        vocab, num_chunks, *logits.stride(),
+        K=k, CHUNK_SIZE=chunk_size, num_warps=4 if chunk_size <= 4096 else 8,
+    )
+    _merge_topk_kernel[(rows,)](
+        cand_value, cand_index, chunk_max, chunk_sum, values, indices,
+        num_chunks, *values.stride(),
+        K=k, BLOCK_CHUNKS=max(2, triton.next_power_of_2(num_chunks)),
+        BLOCK_CANDIDATES=max(16, triton.next_power_of_2(num_chunks * k)),
+        num_warps=4,
+    )
+    return values, indices

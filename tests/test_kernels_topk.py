@@ -1,0 +1,125 @@
+"""Fused top-k of the log-softmax against the torch reference.
+
+CPU: the cases run in one child process whose Triton runs in the interpreter (fp32, fp16); GPU
+(`-m gpu`): SmolLM2's vocabulary in bf16 and the draft's tree-level shapes.
+"""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+
+from longspec_hf import kernels
+from longspec_hf.kernels import reference, testing
+
+# name -> (rows, vocab, k, chunk size)
+CPU_CASES = {
+    "one_chunk": (3, 50, 4, 64),
+    "many_chunks_ragged_tail": (5, 1000, 16, 128),
+    "k_is_the_vocab": (2, 40, 40, 16),
+    "single_row": (1, 300, 8, 64),
+}
+CPU_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def random_logits(rows: int, vocab: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (4 * torch.randn(rows, vocab, generator=gen)).to(dtype).to(device)
+
+
+def compare(values, indices, logits, k) -> dict:
+    """The values equal the reference's top-k values, sit at the returned indices, the indices are
+    distinct, and equal values come lowest index first (fp16 logits tie often; torch's order of ties is
+    unspecified, so indices are not compared with torch's directly)."""
+    values, indices, logits = values.cpu(), indices.cpu(), logits.cpu()
+    expected_values, _ = reference.topk_log_softmax(logits, k)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    tie_order = all(
+        a < b for row_v, row_i in zip(values.tolist(), indices.tolist())
+        for (va, a), (vb, b) in zip(zip(row_v, row_i), zip(row_v[1:], row_i[1:])) if va == vb
+    )
+    return dict(
+        max_error=float((values - expected_values).abs().max()),
+        at_indices_error=float((log_probs.gather(1, indices) - values).abs().max()),
+        distinct=all(len(set(row)) == k for row in indices.tolist()),
+        tie_order=tie_order,
+        dtypes=[str(values.dtype), str(indices.dtype)],
+    )
+
+
+def interpreter_cases() -> dict:
+    """Run in the interpreter child: every CPU case through the Triton path, plus ties and -inf."""
+    from longspec_hf.kernels import topk
+
+    results = {}
+    for seed, (name, (rows, vocab, k, chunk)) in enumerate(CPU_CASES.items()):
+        for dtype_name, dtype in CPU_DTYPES.items():
+            try:
+                logits = random_logits(rows, vocab, dtype, "cpu", seed)
+                values, indices = topk.topk_log_softmax(logits, k, chunk_size=chunk)
+                results[f"{name}-{dtype_name}"] = compare(values, indices, logits, k)
+            except Exception:
+                results[f"{name}-{dtype_name}"] = dict(error=traceback.format_exc())
+    inf = float("inf")
+    ties = torch.tensor([[1.0, 3.0, 3.0, -inf, 3.0, 0.0], [-inf, -inf, -inf, 0.0, -inf, -inf]])
+    values, indices = topk.topk_log_softmax(ties, 4, chunk_size=16)
+    results["ties"] = dict(values=values.tolist(), indices=indices.tolist())
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    pytest.importorskip("triton")
+    return testing.run_in_triton_interpreter(__file__, "interpreter_cases")
+
+
+@pytest.mark.parametrize("key", [f"{name}-{d}" for name in CPU_CASES for d in CPU_DTYPES])
+def test_kernel_matches_reference_in_interpreter(interpreter_results, key):
+    result = interpreter_results[key]
+    assert "error" not in result, result.get("error")
+    assert result["max_error"] < 1e-5 and result["at_indices_error"] < 1e-5
+    assert result["distinct"] and result["tie_order"]
+    assert result["dtypes"] == ["torch.float32", "torch.int64"]
+
+
+def test_ties_go_to_the_lower_index_and_minus_infinity_stays_last(interpreter_results):
+    result = interpreter_results["ties"]
+    # log-softmax of [1, 3, 3, -inf, 3, 0]: the three 3s first (lowest index first), then the 1.
+    assert result["indices"][0] == [1, 2, 4, 0]
+    assert result["values"][0][:3] == pytest.approx([result["values"][0][0]] * 3)
+    # One finite entry: it comes first with log-probability 0, then distinct -inf entries.
+    assert result["indices"][1][0] == 3 and result["values"][1][0] == 0.0
+    assert len(set(result["indices"][1])) == 4 and result["values"][1][1:] == [-float("inf")] * 3
+
+
+def test_dispatch_on_cpu_is_the_reference():
+    logits = random_logits(4, 200, torch.float32, "cpu", seed=3)
+    for backend in (None, "torch"):
+        values, indices = kernels.topk_log_softmax(logits, 8, backend=backend)
+        expected_values, expected_indices = reference.topk_log_softmax(logits, 8)
+        assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
+
+
+def test_unsupported_inputs_are_named():
+    from longspec_hf.kernels import topk
+
+    pytest.importorskip("triton")
+    assert "k=" in topk.unsupported_reason(torch.zeros(2, 10), 11)
+    assert "rows, vocab" in topk.unsupported_reason(torch.zeros(2, 3, 10), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, k", [(1, 4), (4, 16), (16, 16), (64, 32)])
+def test_kernel_matches_reference_on_gpu(rows, k):
+    from longspec_hf.kernels import topk
+
+    logits = random_logits(rows, 49152, torch.bfloat16, "cuda", seed=rows)
+    values, indices = topk.topk_log_softmax(logits, k)
+    expected_values, expected_indices = reference.topk_log_softmax(logits, k)
+    # bf16 logits tie often: compare the values exactly-ish and the indices as the values' positions.
+    assert (values - expected_values).abs().max() < 1e-5
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(1, indices)
+    assert torch.allclose(picked, values, atol=1e-5)
+    assert all(len(set(row)) == k for row in indices.tolist())
