@@ -9,7 +9,7 @@ Methods (all greedy, batch 1, the same `max_new_tokens`):
 - `longspec_chain`: LongSpec with widths `[1] * 5`.
 - `longspec_tree`: LongSpec with the draft's default tree.
 - `longspec_hybrid`: the default tree plus two prompt-lookup chains (`prompt_lookup_branches=2`).
-- `longspec_hybrid_adaptive`: the hybrid tree, the draft paused while it does not pay (`adaptive=True`).
+- `longspec_hybrid_adaptive`: the hybrid tree, each round planned from measured costs (`adaptive=True`).
 
 `longspec_*_eager` variants run the same loop without CUDA graphs (`cuda_graphs=False`), which shows
 what the graphs save. Every LongSpec method but the eager ones uses them on a CUDA target.
@@ -46,7 +46,12 @@ METHODS = (
     "longspec_hybrid_adaptive",
 )
 EAGER_METHODS = ("longspec_no_draft_eager", "longspec_tree_eager")
-COMPILED_METHODS = ("longspec_chain_compiled", "longspec_tree_compiled", "longspec_hybrid_compiled")
+COMPILED_METHODS = (
+    "longspec_chain_compiled",
+    "longspec_tree_compiled",
+    "longspec_hybrid_compiled",
+    "longspec_hybrid_adaptive_compiled",
+)
 
 
 def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:

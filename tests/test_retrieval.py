@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longspec_hf import LongSpecStats
-from longspec_hf.generation.adaptive import AdaptiveDrafting
+from longspec_hf.generation.adaptive import Plan, PlanCosts, RoundPlanner, RowOutcome
 from longspec_hf.generation.retrieval import CANDIDATES_PER_BRANCH, NgramIndex, find_continuations
 from longspec_hf.generation.tree import ChainLayout, DraftTree, accept_greedy
 
@@ -161,21 +161,73 @@ def test_prompt_lookup_raises_acceptance_with_a_random_draft():
     assert sum(without.retrieval_accepted) == 0
 
 
-def test_adaptive_drafting_pauses_and_probes():
-    policy = AdaptiveDrafting(window=4, min_mean_gain=1.5, probe_after=3)
-    for _ in range(4):
-        assert policy.draft_this_round()
-        policy.record([1, 2], drafted=True)  # mean 1.5: pays just enough
-    assert policy.draft_this_round()
-    for _ in range(4):
-        policy.record([1, 1], drafted=True)
-    assert not policy.draft_this_round()
-    for _ in range(3):
-        policy.record([1], drafted=False)
-    assert policy.draft_this_round()  # the probe
-    policy.record([3], drafted=True)
-    policy.record([3], drafted=True)
-    assert policy.draft_this_round()
+def test_row_outcome_counterfactual_gains():
+    # Verified 3 levels, accepted 2 draft tokens (3 emitted with the bonus); the best chain matched all 3
+    # emitted tokens, which bounds what it would have been accepted for from below.
+    row = RowOutcome(depth=3, draft_accepted=2, chain_match=3)
+    assert row.gain(Plan(0, False)) == 1
+    assert row.gain(Plan(1, False)) == 2 and row.gain(Plan(2, False)) == 3 and row.gain(Plan(5, False)) == 3
+    assert row.gain(Plan(1, True)) == 4
+    # The accepted path ran along a chain: the draft's own acceptance is unknown (0 at least).
+    assert RowOutcome(depth=3, draft_accepted=None, chain_match=4).gain(Plan(3, False)) == 1
+
+
+def run_planner(planner: RoundPlanner, cost, accepted: int, chain: int, rounds: int) -> list[Plan]:
+    """Rounds whose wall time follows `cost(plan)`, the draft accepting `accepted` tokens (at most the
+    plan's depth) and the best chain matching `chain`."""
+    chosen = []
+    for _ in range(rounds):
+        plan = planner.choose()
+        chosen.append(plan)
+        outcome = RowOutcome(plan.depth, min(accepted, plan.depth), chain)
+        planner.record(plan, cost(plan), [outcome, outcome])
+    return chosen
+
+
+def test_planner_measures_the_corners_then_follows_tokens_per_second():
+    # A round costs 1 + 0.2 per draft level + 0.1 for the chains.
+    cost = lambda plan: 1.0 + 0.2 * plan.depth + 0.1 * plan.chains
+    planner = RoundPlanner(max_depth=5, lookup=True, costs=PlanCosts(), refresh_every=10)
+    chosen = run_planner(planner, cost, accepted=5, chain=0, rounds=40)
+    # Each corner runs until two rounds are measured (its first round, which captures graphs, is not).
+    corners = [Plan(5, True), Plan(0, False), Plan(5, False)]
+    assert chosen[:9] == [corners[0]] * 3 + [corners[1]] * 3 + [corners[2]] * 3
+    # The draft accepts everything and the chains nothing: the full tree without chains (6 tokens in
+    # 2.0 s beats every other plan, e.g. 5 tokens in 1.8 s).
+    assert set(chosen[9:]) == {Plan(5, False)}
+    assert planner.cost(Plan(3, False)) == pytest.approx(1.6)
+    assert planner.cost(Plan(3, True)) == pytest.approx(1.7)
+
+
+def test_planner_falls_back_to_plain_decoding_and_refreshes_the_full_tree():
+    cost = lambda plan: 1.0 + 0.2 * plan.depth
+    planner = RoundPlanner(max_depth=4, lookup=False, costs=PlanCosts(), refresh_every=5)
+    chosen = run_planner(planner, cost, accepted=0, chain=0, rounds=40)
+    assert Plan(4, True) not in chosen
+    after_warmup = chosen[6:]
+    # Nothing is ever accepted: plain one-token rounds, with the full tree once every 6 rounds to see
+    # whether the draft started paying.
+    assert after_warmup.count(Plan(0, False)) >= 25
+    assert set(after_warmup) == {Plan(0, False), Plan(4, False)}
+    gaps = [i for i, plan in enumerate(after_warmup) if plan == Plan(4, False)]
+    assert all(b - a == 6 for a, b in zip(gaps, gaps[1:])) and len(gaps) >= 4
+
+
+def test_planner_picks_a_shallower_tree_when_acceptance_is_short():
+    cost = lambda plan: 1.0 + 0.25 * plan.depth
+    planner = RoundPlanner(max_depth=5, lookup=False, costs=PlanCosts(), refresh_every=100)
+    chosen = run_planner(planner, cost, accepted=2, chain=0, rounds=30)
+    # 3 tokens: depth 2 (1.5 s) beats depth 5 (2.25 s) and plain decoding (1 token in 1 s).
+    assert chosen[-1] == Plan(2, False)
+    assert planner.costs.measured(Plan(2, False)) == pytest.approx(1.5)
+
+
+def test_planner_keeps_chains_that_match():
+    cost = lambda plan: 1.0 + 0.2 * plan.depth + 0.1 * plan.chains
+    planner = RoundPlanner(max_depth=5, lookup=True, costs=PlanCosts(), refresh_every=100)
+    chosen = run_planner(planner, cost, accepted=1, chain=8, rounds=30)
+    # Chains give 9 tokens per round: cheapest with them is no draft at all (9 tokens in 1.1 s).
+    assert chosen[-1] == Plan(0, True)
 
 
 def test_adaptive_mode_output_and_stats(llama_pair):

@@ -85,6 +85,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         sample_children: bool = False,
         new_tokens_bound: int | None = None,
         compiled: bool = False,
+        num_levels: int | None = None,
     ) -> DraftTree:
         """Draft a tree rooted at each row's last token.
 
@@ -102,14 +103,18 @@ class LongSpecCandidateGenerator(CandidateGenerator):
                 the previous call (the root included). With it every shape is fixed and nothing waits
                 for the device, so the call can be captured in a CUDA graph; without it the bound is
                 read from the device.
+            num_levels: draft only the first `num_levels` levels of `tree_widths` (default: all); the
+                result is exactly the full tree cut at that depth.
             compiled: run the draft block through `torch.compile` (meant for calls that repeat one
                 `new_tokens_bound`, as the graphed greedy loop does: each new shape compiles anew).
 
         Returns:
-            A [`DraftTree`] with `1 + sum(tree_widths)` nodes; with no levels, just the roots (the draft
-            does not run: verification then is plain one-token decoding through LongSpec's cache).
+            A [`DraftTree`] with `1 + sum(tree_widths[:num_levels])` nodes; with no levels, just the roots
+            (the draft does not run: verification then is plain one-token decoding through LongSpec's
+            cache).
         """
-        if not self.tree_widths:
+        widths = self.tree_widths[:num_levels]
+        if not widths:
             return DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
         target_kv = self.target_kv()
         root_pass, level_pass = self._block_passes(compiled)
@@ -120,7 +125,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         # Greedy trees need only each node's top children; sampling keeps every non-leaf q on the tree.
         greedy = draft_warpers is None and not sample_children
         logits = root_logits[:, None]  # (B, 1, V)
-        for level, width in enumerate(self.tree_widths, start=1):
+        for level, width in enumerate(widths, start=1):
             parents = tree.level_slice(level - 1)
             parent_scores = tree.log_probs[:, parents]
             if greedy:
@@ -132,7 +137,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
                     log_probs, parent_scores, width, sample_children=sample_children
                 )
             tree.add_level(new_tokens, parent_local + parents.start, scores)
-            if level == len(self.tree_widths):
+            if level == len(widths):
                 break
             nodes = tree.level_slice(level)
             # Scratch slot of node i is i - 1 (the root lives in the ring).

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,12 +34,12 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..modeling import LongSpecDraftModel, cache_keyword
-from .adaptive import AdaptiveDrafting
+from .adaptive import Plan, RoundPlanner, RowOutcome
 from .attention import LongSpecAttentionInputs, longspec_attention
 from .cuda_graphs import GraphedCall
 from .output import OutputCollector
 from .processing import SCORES_ONLY_PROCESSORS, tree_scores
-from .retrieval import NgramIndex, branch_length
+from .retrieval import NgramIndex, branch_length, chain_match
 from .sampling import resolve_sampling_rule
 from .tree import ChainLayout, DraftTree, accept_greedy
 from .verify import merge_positions_verify
@@ -121,8 +122,9 @@ def longspec_decode(
 
     `prompt_lookup_branches=K` adds K chains of `branch_length(len(tree_widths))` tokens continuing the
     row's suffix where it occurred before (`retrieval.py`): the tree then has at most
-    `1 + sum(tree_widths) + K * branch_length` nodes, dummies included, in every round. `adaptive` pauses
-    the draft while it does not pay (`adaptive.py`). `cuda_graphs` replays the verify forward and the
+    `1 + sum(tree_widths) + K * branch_length` nodes, dummies included, in every round. `adaptive` plans
+    each round instead: how many of the tree's levels to draft (none: plain decoding) and whether to
+    hang the chains, whichever gives the most tokens per second measured so far (`adaptive.py`). `cuda_graphs` replays the verify forward and the
     greedy draft from CUDA graphs on a CUDA target (`cuda_graphs.py`), kept on the draft for later calls
     of the same shape (`workspace.py`); elsewhere the same fixed-shape steps run eagerly.
     `cuda_graphs=False` runs the plain eager loop with fresh buffers. `compile_draft` runs the draft
@@ -214,7 +216,6 @@ def longspec_decode(
         output.add(first_tokens, [1] * batch_size, tokens, [prompt_len] * batch_size, scores, logits)
         seq_len += 1
 
-        policy = AdaptiveDrafting() if adaptive and tree_widths else None
         verify = workspace.verify if use_graphs else None
         # The draft ring's lag: at most how many tokens a row gained since the draft last ran (the
         # prompt and the first token before the first round). Known on the host, so no sync is needed.
@@ -230,14 +231,19 @@ def longspec_decode(
         if prompt_lookup_branches > 0:
             prompts = [row[start:] for row, start in zip(input_ids.tolist(), pad_start.tolist())]
             lookup = NgramIndex([prompt + first_row for prompt, first_row in zip(prompts, first_tokens)])
+        # Every round verifies the full tree and the chains, unless `adaptive` plans each round.
+        full_plan = Plan(len(tree_widths), lookup is not None)
+        planner = None
+        if adaptive and full_plan != Plan(0, False):
+            planner = RoundPlanner(full_plan.depth, full_plan.chains, workspace.plan_costs)
 
-        def wants_draft() -> bool:
-            return bool(tree_widths) and (policy is None or policy.draft_this_round())
+        def next_plan() -> Plan:
+            return planner.choose() if planner is not None else full_plan
 
-        def propose(drafted: bool, ring_lag: int) -> tuple[DraftTree, bool]:
-            """This round's draft tree (the root alone when the draft does not run), and whether its
-            tensors are the draft graph's outputs (fixed addresses)."""
-            if not drafted:
+        def propose(plan: Plan, ring_lag: int) -> tuple[DraftTree, bool]:
+            """This round's draft tree of `plan.depth` levels (the root alone when the draft does not
+            run), and whether its tensors are a draft graph's outputs (fixed addresses)."""
+            if plan.depth == 0:
                 return DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0]), False
             if do_sample:
                 tree = drafter.propose_tree(
@@ -247,15 +253,17 @@ def longspec_decode(
                     draft_warpers=draft_warpers,
                     sample_children=rule.sample_children,
                     new_tokens_bound=ring_lag,
+                    num_levels=plan.depth,
                 )
                 return tree, False
             if not use_graphs:
-                return drafter.propose_tree(tokens, seq_len, pad_start, new_tokens_bound=ring_lag), False
+                tree = drafter.propose_tree(tokens, seq_len, pad_start, new_tokens_bound=ring_lag, num_levels=plan.depth)
+                return tree, False
             if ring_lag > round_gain_limit:
                 # The graph feeds the ring a fixed number of tokens: catch up on the rest first.
                 drafter.consume_committed(tokens, seq_len, pad_start, new_tokens_bound=ring_lag)
-            if workspace.draft_graph is None:
-                workspace.draft_graph = GraphedCall(
+            if plan.depth not in workspace.draft_graphs:
+                workspace.draft_graphs[plan.depth] = GraphedCall(
                     functools.partial(
                         drafter.propose_tree,
                         tokens,
@@ -263,31 +271,39 @@ def longspec_decode(
                         pad_start,
                         new_tokens_bound=round_gain_limit,
                         compiled=workspace.key.compile_draft,
+                        num_levels=plan.depth,
                     ),
                     capture,
                 )
-            return workspace.draft_graph(), True
+            return workspace.draft_graphs[plan.depth](), True
 
         # A greedy graphed draft reads only device state, so the next round's tree can be launched
         # before the host emits this round's tokens, and the two overlap.
         draft_ahead = use_graphs and not do_sample and bool(tree_widths)
-        ahead: tuple[bool, DraftTree, bool] | None = None
+        ahead: tuple[Plan, DraftTree, bool] | None = None
+        round_end = time.perf_counter()
         while not output.all_done:
             if ahead is not None:
-                (drafted, tree, static_tree), ahead = ahead, None
+                (plan, tree, static_tree), ahead = ahead, None
             else:
-                drafted = wants_draft()
-                tree, static_tree = propose(drafted, ring_lag)
+                plan = next_plan()
+                tree, static_tree = propose(plan, ring_lag)
+            drafted = plan.depth > 0
             chains = layout = None
             num_nodes = tree.num_nodes
+            # The chains are looked up every round: unverified, they still tell the planner what they
+            # would have matched.
+            proposals = None
             if lookup is not None:
+                proposals = lookup.chains(prompt_lookup_branches, chain_length, filler=pad_token_id)
+            if plan.chains:
                 shape = tuple(tree.level_sizes)  # the draft's tree, or the root alone (adaptive)
                 if shape not in chain_layouts:
                     chain_layouts[shape] = ChainLayout.build(
                         tree.level_sizes, prompt_lookup_branches, chain_length, device
                     )
                 layout = chain_layouts[shape]
-                chains = _to_device(lookup.chains(prompt_lookup_branches, chain_length, filler=pad_token_id), device)
+                chains = _to_device(proposals, device)
                 num_nodes = layout.num_nodes
             cache.begin_tree(num_nodes)
             if verify is not None:
@@ -336,13 +352,26 @@ def longspec_decode(
             lengths_before, seq_len_host = seq_len_host, [s + g for s, g in zip(seq_len_host, gained_host)]
             ring_lag = (0 if drafted else ring_lag) + max(gained_host)
             gained_active = [g for g, a in zip(gained_host, active_rows) if a]
-            if policy is not None:
-                policy.record(gained_active, drafted)
-            if draft_ahead:
-                next_drafted = wants_draft()
-                ahead = (next_drafted, *propose(next_drafted, ring_lag))
-
             new_tokens_host = [row[1 : 1 + path_width] for row in host_rows]
+            if planner is not None:
+                round_start, round_end = round_end, time.perf_counter()
+                retrieved = [row[-1] if tree.retrieval is not None else 0 for row in host_rows]
+                outcomes = [
+                    RowOutcome(
+                        depth=plan.depth,
+                        draft_accepted=gained - 1 if not from_chain else None,
+                        chain_match=chain_match(row_chains, row_tokens[:gained]) if row_chains else 0,
+                    )
+                    for gained, from_chain, row_chains, row_tokens, is_active in zip(
+                        gained_host, retrieved, proposals or [None] * batch_size, new_tokens_host, active_rows
+                    )
+                    if is_active
+                ]
+                planner.record(plan, round_end - round_start, outcomes)
+            if draft_ahead:
+                next_round = next_plan()
+                ahead = (next_round, *propose(next_round, ring_lag))
+
             taken = output.add(new_tokens_host, gained_host, tokens, lengths_before, node_scores, node_logits)
             if lookup is not None:
                 for row, (row_tokens, count) in enumerate(zip(new_tokens_host, taken)):

@@ -155,3 +155,17 @@ def find_continuations(
             chains[row, branch, : len(chain)] = torch.tensor(chain, dtype=tokens.dtype)
             found[row, branch, : len(chain)] = True
     return chains.to(tokens.device), found.to(tokens.device)
+
+
+def chain_match(chains: list[list[int]], emitted: list[int]) -> int:
+    """How many leading tokens the best of `chains` shares with `emitted` (the tokens a round emitted
+    after its root): what that chain would have been accepted for, or a lower bound when it matched all."""
+    best = 0
+    for chain in chains:
+        count = 0
+        for proposed, actual in zip(chain, emitted):
+            if proposed != actual:
+                break
+            count += 1
+        best = max(best, count)
+    return best

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from ..modeling import LongSpecDraftModel
 from .cache import LongSpecCache
+from .adaptive import PlanCosts
 from .candidate_generator import LongSpecCandidateGenerator
 from .cuda_graphs import GraphedCall
 from .tree import DraftTree
@@ -101,7 +102,8 @@ class DecodingWorkspace:
         pad_start: `(B,)` left-padding length of each row.
         drafter: the candidate generator with the draft's constant-size cache.
         verify: the target's verify forward, one graph per tree shape.
-        draft_graph: the greedy tree proposal's graph, made on first use.
+        draft_graphs: the greedy tree proposal's graph per number of levels, made on first use.
+        plan_costs: measured wall time per round of each adaptive plan (`adaptive.py`).
     """
 
     def __init__(
@@ -131,7 +133,8 @@ class DecodingWorkspace:
         self.seq_len = torch.zeros(batch, dtype=torch.long, device=device)
         self.drafter = LongSpecCandidateGenerator(draft, target, list(key.tree_widths), batch, self.cache.target_kv)
         self.verify = GraphedVerify(target, self.cache, self.seq_len, self.pad_start, key.accept_in_graph, key.capture)
-        self.draft_graph: GraphedCall[DraftTree] | None = None
+        self.draft_graphs: dict[int, GraphedCall[DraftTree]] = {}
+        self.plan_costs = PlanCosts()
         # Set while a call decodes with it: a concurrent call (another thread) gets its own buffers.
         self.in_use = False
 
