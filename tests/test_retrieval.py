@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from longspec_hf import LongSpecStats
+from longspec_hf.generation import adaptive
 from longspec_hf.generation.adaptive import Plan, PlanCosts, RoundPlanner, RowOutcome
 from longspec_hf.generation.retrieval import CANDIDATES_PER_BRANCH, NgramIndex, find_continuations
 from longspec_hf.generation.tree import ChainLayout, DraftTree, accept_greedy
@@ -172,60 +173,68 @@ def test_row_outcome_counterfactual_gains():
     assert RowOutcome(depth=3, draft_accepted=None, chain_match=4).gain(Plan(3, False)) == 1
 
 
-def run_planner(planner: RoundPlanner, cost, accepted: int, chain: int, rounds: int) -> list[Plan]:
-    """Rounds whose wall time follows `cost(plan)`, the draft accepting `accepted` tokens (at most the
-    plan's depth) and the best chain matching `chain`."""
+def run_planner(planner, cost, accepted: int, chain: int, rounds: int, remaining: int, capture: float = 5.0):
+    """Rounds whose wall time follows `cost(plan)` (plus `capture` on a plan's first round), the draft
+    accepting `accepted` tokens (at most the plan's depth) and the best chain matching `chain`."""
     chosen = []
     for _ in range(rounds):
-        plan = planner.choose()
+        plan = planner.choose(remaining_tokens=remaining)
         chosen.append(plan)
+        seconds = cost(plan) + (0.0 if planner.costs.has_run(plan) else capture)
         outcome = RowOutcome(plan.depth, min(accepted, plan.depth), chain)
-        planner.record(plan, cost(plan), [outcome, outcome])
+        planner.record(plan, seconds, [outcome, outcome])
     return chosen
 
 
-def test_planner_measures_the_corners_then_follows_tokens_per_second():
-    # A round costs 1 + 0.2 per draft level + 0.1 for the chains.
-    cost = lambda plan: 1.0 + 0.2 * plan.depth + 0.1 * plan.chains
-    planner = RoundPlanner(max_depth=5, lookup=True, costs=PlanCosts(), refresh_every=10)
-    chosen = run_planner(planner, cost, accepted=5, chain=0, rounds=40)
-    # Each corner runs until two rounds are measured (its first round, which captures graphs, is not).
-    corners = [Plan(5, True), Plan(0, False), Plan(5, False)]
-    assert chosen[:9] == [corners[0]] * 3 + [corners[1]] * 3 + [corners[2]] * 3
-    # The draft accepts everything and the chains nothing: the full tree without chains (6 tokens in
-    # 2.0 s beats every other plan, e.g. 5 tokens in 1.8 s).
-    assert set(chosen[9:]) == {Plan(5, False)}
-    assert planner.cost(Plan(3, False)) == pytest.approx(1.6)
-    assert planner.cost(Plan(3, True)) == pytest.approx(1.7)
+# A round costs 1 + 0.2 per draft level + 0.1 for the chains.
+def linear_cost(plan: Plan) -> float:
+    return 1.0 + 0.2 * plan.depth + 0.1 * plan.chains
+
+
+def test_planner_keeps_the_full_tree_while_it_is_best():
+    planner = RoundPlanner(max_depth=5, lookup=True, costs=PlanCosts())
+    chosen = run_planner(planner, linear_cost, accepted=5, chain=0, rounds=30, remaining=10**6)
+    # The draft accepts everything and the chains nothing: after one full round it drops the chains
+    # (6 tokens in 2.0 s; with them 2.1 s) and stays there.
+    assert chosen[:2] == [Plan(5, True)] * 2
+    assert set(chosen[2:]) == {Plan(5, False)}
+    assert planner.costs.measured(Plan(5, False)) == pytest.approx(2.0)
+    assert planner.capture_cost() == pytest.approx(5.0)
+    # Shares now measured: the chains' 0.1 of 2.1; the draft's share still the default one.
+    assert planner.cost(Plan(0, True)) == pytest.approx(2.1 * (1 - adaptive.DRAFT_SHARE))
+
+
+def test_planner_does_not_capture_a_new_plan_for_a_short_call():
+    planner = RoundPlanner(max_depth=5, lookup=True, costs=PlanCosts())
+    # Dropping the chains saves 0.1 s per 6 tokens: over 60 tokens 1 s, less than a 5 s capture.
+    chosen = run_planner(planner, linear_cost, accepted=5, chain=0, rounds=10, remaining=60)
+    assert set(chosen) == {Plan(5, True)}
 
 
 def test_planner_falls_back_to_plain_decoding_and_refreshes_the_full_tree():
     cost = lambda plan: 1.0 + 0.2 * plan.depth
     planner = RoundPlanner(max_depth=4, lookup=False, costs=PlanCosts(), refresh_every=5)
-    chosen = run_planner(planner, cost, accepted=0, chain=0, rounds=40)
-    assert Plan(4, True) not in chosen
-    after_warmup = chosen[6:]
+    chosen = run_planner(planner, cost, accepted=0, chain=0, rounds=40, remaining=10**6)
     # Nothing is ever accepted: plain one-token rounds, with the full tree once every 6 rounds to see
     # whether the draft started paying.
-    assert after_warmup.count(Plan(0, False)) >= 25
+    after_warmup = chosen[2:]
     assert set(after_warmup) == {Plan(0, False), Plan(4, False)}
-    gaps = [i for i, plan in enumerate(after_warmup) if plan == Plan(4, False)]
-    assert all(b - a == 6 for a, b in zip(gaps, gaps[1:])) and len(gaps) >= 4
+    full_rounds = [i for i, plan in enumerate(after_warmup) if plan == Plan(4, False)]
+    assert all(b - a == 6 for a, b in zip(full_rounds, full_rounds[1:])) and len(full_rounds) >= 5
 
 
 def test_planner_picks_a_shallower_tree_when_acceptance_is_short():
     cost = lambda plan: 1.0 + 0.25 * plan.depth
     planner = RoundPlanner(max_depth=5, lookup=False, costs=PlanCosts(), refresh_every=100)
-    chosen = run_planner(planner, cost, accepted=2, chain=0, rounds=30)
+    chosen = run_planner(planner, cost, accepted=2, chain=0, rounds=30, remaining=10**6)
     # 3 tokens: depth 2 (1.5 s) beats depth 5 (2.25 s) and plain decoding (1 token in 1 s).
     assert chosen[-1] == Plan(2, False)
     assert planner.costs.measured(Plan(2, False)) == pytest.approx(1.5)
 
 
 def test_planner_keeps_chains_that_match():
-    cost = lambda plan: 1.0 + 0.2 * plan.depth + 0.1 * plan.chains
     planner = RoundPlanner(max_depth=5, lookup=True, costs=PlanCosts(), refresh_every=100)
-    chosen = run_planner(planner, cost, accepted=1, chain=8, rounds=30)
+    chosen = run_planner(planner, linear_cost, accepted=1, chain=8, rounds=30, remaining=10**6)
     # Chains give 9 tokens per round: cheapest with them is no draft at all (9 tokens in 1.1 s).
     assert chosen[-1] == Plan(0, True)
 

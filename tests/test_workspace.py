@@ -201,3 +201,13 @@ def test_compiled_draft_drafts_like_the_eager_one_in_its_own_workspace():
     assert max(compiled_accepted) > 1
     assert compiled_workspace is not eager_workspace and compiled_workspace.key.compile_draft
     assert compiled_workspace.drafter._compiled_passes is not None
+
+    # Another prompt length is another cache capacity: the compiled draft serves it without recompiling.
+    from torch._dynamo.utils import counters
+
+    compiled_frames = counters["frames"]["ok"]
+    longer = torch.randint(3, target.config.vocab_size, (1, 400))
+    output = target.generate(longer, assistant_model=draft, max_new_tokens=30, do_sample=False, compile_draft=True)
+    assert torch.equal(output, target.generate(longer, max_new_tokens=30, do_sample=False))
+    assert kept(draft) is not compiled_workspace
+    assert counters["frames"]["ok"] == compiled_frames

@@ -3,21 +3,24 @@
 A round's plan is how many levels of the draft tree it verifies (`depth`, 0: the draft does not run and
 the round is plain one-token decoding, or lookup chains alone) and whether the prompt-lookup chains hang
 under the root. [`RoundPlanner`] picks the plan with the highest expected tokens per second of wall
-time, both measured:
+time:
 
-- Tokens: a beam tree's first `d` levels are exactly the tree drafted with `d` levels, so a round that
-  verified `depth` levels and accepted `a` draft tokens would have accepted `min(a, d)` with `d` levels
-  (exact for `d <= depth`, and for any `d` when `a < depth`; a lower bound otherwise). The lookup chains
-  are computed on the host every round, so how many tokens the best of them matched is known whether
-  or not they were verified. From the last `window` rounds this gives the expected tokens of every plan.
-- Seconds: the wall time between the round's results and the previous round's, per plan (medians of
-  recent rounds, kept on the workspace for later calls). Plans not run yet are interpolated between
-  the measured corners (no draft, the full tree; with and without chains), which are each run a few
-  times first.
+- Tokens, measured: a beam tree's first `d` levels are exactly the tree drafted with `d` levels, so a
+  round that verified `depth` levels and accepted `a` draft tokens would have accepted `min(a, d)` with
+  `d` levels (exact for `d <= depth`, and for any `d` when `a < depth`; a lower bound otherwise). The
+  lookup chains are computed on the host every round, so how many tokens the best of them matched is
+  known whether or not they were verified. The last `window` rounds give every plan's expected tokens.
+- Seconds, measured where a plan has run (the median wall time between consecutive rounds' results,
+  kept on the workspace for later calls); otherwise scaled from the full plan by the draft's and the
+  chains' shares of a round, measured once the plans without them have run, and until then the shares
+  of a small target (`DRAFT_SHARE`, `CHAIN_SHARE`).
+- A plan that has not run in this workspace first captures its CUDA graphs, which costs as much as
+  tens of rounds. The planner moves to such a plan only when the time it saves over the tokens still to
+  generate exceeds that one-time cost (measured on the first plan's first round).
 
-Every `refresh_every` rounds the full tree runs once, so the draft's acceptance at every depth stays
-known while shallower plans are chosen. The plan never changes what is emitted (every verification rule
-is exact for any tree), so this is lossless by construction.
+Every `refresh_every` rounds on a shallower plan the full tree runs once, so the draft's acceptance at
+every depth stays known. The plan never changes what is emitted (every verification rule is exact for
+any tree), so this is lossless by construction.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ from dataclasses import dataclass
 DEFAULT_WINDOW = 16
 DEFAULT_REFRESH_EVERY = 16
 COST_SAMPLES = 8  # recent wall times kept per plan
-SAMPLES_PER_CORNER = 2
+# Shares of a round's wall time, measured with SmolLM2-135M on an H100 (bench/round_cost.py): the five
+# draft levels of the default tree (with the wider verify they bring) and two lookup chains.
+DRAFT_SHARE = 0.3
+CHAIN_SHARE = 0.08
+# Until a first round's overhead is measured, a graph capture is taken to cost this many rounds.
+DEFAULT_CAPTURE_ROUNDS = 30
 
 
 @dataclass(frozen=True)
@@ -67,25 +75,32 @@ class RowOutcome:
 
 
 class PlanCosts:
-    """Recent wall seconds per round of each plan. The first round of a plan captures its CUDA graphs
-    (or compiles), so it is not a sample of the plan's cost."""
+    """Wall seconds per round of each plan, and what a plan's first round cost on top (its CUDA graphs'
+    capture, or compilation): the first round of a plan is kept apart from its samples."""
 
     def __init__(self):
         self.samples: dict[Plan, deque[float]] = {}
-        self.seen: set[Plan] = set()
+        self.first_round: dict[Plan, float] = {}
 
     def record(self, plan: Plan, seconds: float) -> None:
-        if plan not in self.seen:
-            self.seen.add(plan)
+        if plan not in self.first_round:
+            self.first_round[plan] = seconds
             return
         self.samples.setdefault(plan, deque(maxlen=COST_SAMPLES)).append(seconds)
 
-    def count(self, plan: Plan) -> int:
-        return len(self.samples.get(plan, ()))
+    def has_run(self, plan: Plan) -> bool:
+        return plan in self.first_round
 
     def measured(self, plan: Plan) -> float | None:
         samples = self.samples.get(plan)
         return statistics.median(samples) if samples else None
+
+    def first_round_overhead(self) -> float | None:
+        """Median of (first round - steady round) over the plans where both are known."""
+        overheads = [
+            first - self.measured(plan) for plan, first in self.first_round.items() if plan in self.samples
+        ]
+        return max(0.0, statistics.median(overheads)) if overheads else None
 
 
 class RoundPlanner:
@@ -96,7 +111,7 @@ class RoundPlanner:
         lookup: whether prompt-lookup chains are available.
         costs: measured round costs, shared with later calls of the same shape.
         window: rounds whose outcomes estimate each plan's tokens per round.
-        refresh_every: rounds after which the full tree runs again.
+        refresh_every: rounds on shallower plans after which the full tree runs again.
     """
 
     def __init__(
@@ -113,18 +128,23 @@ class RoundPlanner:
         self.refresh_every = refresh_every
         self.full = Plan(max_depth, lookup)
         self.plans = [Plan(d, c) for d in range(max_depth + 1) for c in ((False, True) if lookup else (False,))]
-        # Measured first; every other plan's cost is interpolated from these.
-        self.corners = list(dict.fromkeys([self.full, Plan(0, False), Plan(max_depth, False)]))
         self.outcomes: deque[list[RowOutcome]] = deque(maxlen=window)
+        self.current = self.full
         self.rounds_since_full = 0
 
-    def choose(self) -> Plan:
-        for corner in self.corners:
-            if self.costs.count(corner) < SAMPLES_PER_CORNER:
-                return corner
-        if not self.outcomes or self.rounds_since_full >= self.refresh_every:
-            return self.full
-        return max(self.plans, key=self.tokens_per_second)
+    def choose(self, remaining_tokens: int) -> Plan:
+        """The next round's plan, `remaining_tokens` being at most how many tokens are still to come."""
+        if self.costs.measured(self.full) is None or not self.outcomes or self.rounds_since_full >= self.refresh_every:
+            self.current = self.full
+            return self.current
+        best = max(self.plans, key=self.tokens_per_second)
+        if best != self.current and not self.costs.has_run(best):
+            seconds_per_token = lambda plan: self.cost(plan) / self.expected_gain(plan)
+            saved = remaining_tokens * (seconds_per_token(self.current) - seconds_per_token(best))
+            if saved <= self.capture_cost():
+                best = self.current
+        self.current = best
+        return best
 
     def record(self, plan: Plan, seconds: float, outcomes: list[RowOutcome]) -> None:
         """The round just verified with `plan`: its wall time and each active row's outcome."""
@@ -139,19 +159,30 @@ class RoundPlanner:
         return statistics.fmean(per_round) if per_round else 1.0
 
     def cost(self, plan: Plan) -> float:
-        """Measured seconds per round, else interpolated linearly in depth between the corners."""
+        """Measured seconds per round, else the full plan's scaled by the measured (or default) shares."""
         measured = self.costs.measured(plan)
         if measured is not None:
             return measured
-        no_draft = self.costs.measured(Plan(0, False))
-        full_tree = self.costs.measured(Plan(self.max_depth, False))
-        if no_draft is None or full_tree is None:
+        full = self.costs.measured(self.full)
+        if full is None:
             return float("inf")
-        cost = no_draft + (full_tree - no_draft) * plan.depth / max(1, self.max_depth)
-        if plan.chains:
-            with_chains = self.costs.measured(self.full)
-            cost += max(0.0, with_chains - full_tree) if with_chains is not None else 0.0
-        return cost
+        cost = full
+        if plan.depth < self.max_depth:
+            cost -= self._share(Plan(0, self.full.chains), DRAFT_SHARE) * full * (self.max_depth - plan.depth) / self.max_depth
+        if self.lookup and not plan.chains:
+            cost -= self._share(Plan(self.max_depth, False), CHAIN_SHARE) * full
+        return max(cost, 1e-9)
+
+    def _share(self, without: Plan, default: float) -> float:
+        """The share of the full plan's round that `without` saves: measured, else `default`."""
+        full, other = self.costs.measured(self.full), self.costs.measured(without)
+        if full is None or other is None or without == self.full:
+            return default
+        return min(1.0, max(0.0, 1.0 - other / full))
+
+    def capture_cost(self) -> float:
+        measured = self.costs.first_round_overhead()
+        return measured if measured is not None else DEFAULT_CAPTURE_ROUNDS * self.cost(self.full)
 
     def tokens_per_second(self, plan: Plan) -> float:
         return self.expected_gain(plan) / self.cost(plan)

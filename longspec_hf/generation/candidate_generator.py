@@ -118,6 +118,12 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             return DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
         target_kv = self.target_kv()
         root_pass, level_pass = self._block_passes(compiled)
+        if compiled:
+            # The target cache's capacity changes with every prompt length: one compiled graph serves
+            # them all instead of a recompilation per capacity (the compiled code never reads the
+            # cache itself; the attention kernel takes the committed slots from the lengths).
+            for tensor in (target_kv.key, target_kv.value):
+                torch._dynamo.maybe_mark_dynamic(tensor, 2)
         root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv, new_tokens_bound, root_pass)
         root_tokens = tokens.gather(1, (seq_len - 1)[:, None])[:, 0]
         root_position = seq_len - 1 - pad_start

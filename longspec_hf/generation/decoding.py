@@ -238,7 +238,10 @@ def longspec_decode(
             planner = RoundPlanner(full_plan.depth, full_plan.chains, workspace.plan_costs)
 
         def next_plan() -> Plan:
-            return planner.choose() if planner is not None else full_plan
+            if planner is None:
+                return full_plan
+            generated = min((n for n, a in zip(seq_len_host, active_rows) if a), default=prompt_len) - prompt_len
+            return planner.choose(remaining_tokens=max_new_tokens - generated)
 
         def propose(plan: Plan, ring_lag: int) -> tuple[DraftTree, bool]:
             """This round's draft tree of `plan.depth` levels (the root alone when the draft does not
