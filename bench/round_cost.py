@@ -43,6 +43,7 @@ METHODS = {
     "hybrid": dict(prompt_lookup_branches=2),
     "tree_compiled": dict(compile_draft=True),
     "hybrid_compiled": dict(prompt_lookup_branches=2, compile_draft=True),
+    "hybrid_adaptive_compiled": dict(prompt_lookup_branches=2, compile_draft=True, adaptive=True),
 }
 
 
