@@ -173,6 +173,18 @@ def test_row_outcome_counterfactual_gains():
     assert RowOutcome(depth=3, draft_accepted=None, chain_match=4).gain(Plan(3, False)) == 1
 
 
+def test_chain_outcome_is_optimistic_only_where_the_round_could_not_tell():
+    from longspec_hf.generation.decoding import _chain_outcome
+
+    # Not verified, agreed with both emitted tokens: it might have gone on, counted whole.
+    assert _chain_outcome([[5, 6, 7, 8]], [5, 6], verified=False) == 4
+    # Verified: what was accepted along it is exact.
+    assert _chain_outcome([[5, 6, 7, 8]], [5, 6], verified=True) == 2
+    # A mismatch inside the emitted tokens is exact either way; the best chain counts.
+    assert _chain_outcome([[5, 9, 7, 8], [5, 6, 1, 1]], [5, 6, 7], verified=False) == 2
+    assert _chain_outcome([], [5], verified=False) == 0
+
+
 def run_planner(planner, cost, accepted: int, chain: int, rounds: int, remaining: int, capture: float = 5.0):
     """Rounds whose wall time follows `cost(plan)` (plus `capture` on a plan's first round), the draft
     accepting `accepted` tokens (at most the plan's depth) and the best chain matching `chain`."""
@@ -194,10 +206,10 @@ def linear_cost(plan: Plan) -> float:
 def test_planner_keeps_the_full_tree_while_it_is_best():
     planner = RoundPlanner(max_depth=5, lookup=True, costs=PlanCosts())
     chosen = run_planner(planner, linear_cost, accepted=5, chain=0, rounds=30, remaining=10**6)
-    # The draft accepts everything and the chains nothing: after one full round it drops the chains
-    # (6 tokens in 2.0 s; with them 2.1 s) and stays there.
-    assert chosen[:2] == [Plan(5, True)] * 2
-    assert set(chosen[2:]) == {Plan(5, False)}
+    # The draft accepts everything and the chains nothing: after the first rounds on the full plan it
+    # drops the chains (6 tokens in 2.0 s; with them 2.1 s) and stays there.
+    assert chosen[: adaptive.MIN_ROUNDS] == [Plan(5, True)] * adaptive.MIN_ROUNDS
+    assert set(chosen[adaptive.MIN_ROUNDS :]) == {Plan(5, False)}
     assert planner.costs.measured(Plan(5, False)) == pytest.approx(2.0)
     assert planner.capture_cost() == pytest.approx(5.0)
     # Shares now measured: the chains' 0.1 of 2.1; the draft's share still the default one.
@@ -217,7 +229,7 @@ def test_planner_falls_back_to_plain_decoding_and_refreshes_the_full_tree():
     chosen = run_planner(planner, cost, accepted=0, chain=0, rounds=40, remaining=10**6)
     # Nothing is ever accepted: plain one-token rounds, with the full tree once every 6 rounds to see
     # whether the draft started paying.
-    after_warmup = chosen[2:]
+    after_warmup = chosen[adaptive.MIN_ROUNDS :]
     assert set(after_warmup) == {Plan(0, False), Plan(4, False)}
     full_rounds = [i for i, plan in enumerate(after_warmup) if plan == Plan(4, False)]
     assert all(b - a == 6 for a, b in zip(full_rounds, full_rounds[1:])) and len(full_rounds) >= 5
@@ -247,6 +259,9 @@ def test_adaptive_mode_output_and_stats(llama_pair):
     output = target.generate(ids, assistant_model=draft, adaptive=True, max_new_tokens=50, do_sample=False, longspec_stats=stats)
     assert torch.equal(output, reference)
     assert 0 < stats.drafted_rounds <= stats.rounds
+    # Round costs are kept with the workspace (by plan), adaptive or not.
+    costs = draft._longspec_workspace.plan_costs
+    assert costs.has_run(Plan(len(draft.config.tree_widths), False))
 
 
 @pytest.mark.parametrize("bad", [dict(prompt_lookup_branches=-1), dict(prompt_lookup_branches=True), dict(adaptive=1)])

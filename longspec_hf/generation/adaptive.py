@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 
 DEFAULT_WINDOW = 16
+MIN_ROUNDS = 8  # rounds of the full plan before any other plan is considered
 DEFAULT_REFRESH_EVERY = 16
 COST_SAMPLES = 8  # recent wall times kept per plan
 # Shares of a round's wall time, measured with SmolLM2-135M on an H100 (bench/round_cost.py): the five
@@ -61,7 +62,9 @@ class RowOutcome:
         depth: draft levels the round verified.
         draft_accepted: draft tokens accepted along the draft tree; None when the accepted path ran along
             a lookup chain (the draft's own acceptance is then unknown; 0 is its lower bound).
-        chain_match: tokens the best lookup chain agreed with the emitted ones (0 without lookup).
+        chain_match: tokens the best lookup chain was (or would have been) accepted for; 0 without
+            lookup. A chain that was not verified and agreed with every emitted token counts with its
+            whole length: an optimistic guess, which the next rounds with chains verify.
     """
 
     depth: int
@@ -134,7 +137,11 @@ class RoundPlanner:
 
     def choose(self, remaining_tokens: int) -> Plan:
         """The next round's plan, `remaining_tokens` being at most how many tokens are still to come."""
-        if self.costs.measured(self.full) is None or not self.outcomes or self.rounds_since_full >= self.refresh_every:
+        if (
+            self.costs.measured(self.full) is None
+            or len(self.outcomes) < MIN_ROUNDS
+            or self.rounds_since_full >= self.refresh_every
+        ):
             self.current = self.full
             return self.current
         best = max(self.plans, key=self.tokens_per_second)

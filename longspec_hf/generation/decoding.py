@@ -356,17 +356,21 @@ def longspec_decode(
             ring_lag = (0 if drafted else ring_lag) + max(gained_host)
             gained_active = [g for g, a in zip(gained_host, active_rows) if a]
             new_tokens_host = [row[1 : 1 + path_width] for row in host_rows]
-            if planner is not None:
-                round_start, round_end = round_end, time.perf_counter()
+            # Every plan's round costs are kept with the workspace, so that a later adaptive call knows
+            # which plans have their graphs captured already.
+            round_start, round_end = round_end, time.perf_counter()
+            if planner is None:
+                workspace.plan_costs.record(plan, round_end - round_start)
+            else:
                 retrieved = [row[-1] if tree.retrieval is not None else 0 for row in host_rows]
                 outcomes = [
                     RowOutcome(
                         depth=plan.depth,
                         draft_accepted=gained - 1 if not from_chain else None,
-                        chain_match=chain_match(row_chains, row_tokens[:gained]) if row_chains else 0,
+                        chain_match=_chain_outcome(row_chains, row_tokens[:gained], verified=plan.chains),
                     )
                     for gained, from_chain, row_chains, row_tokens, is_active in zip(
-                        gained_host, retrieved, proposals or [None] * batch_size, new_tokens_host, active_rows
+                        gained_host, retrieved, proposals or [[]] * batch_size, new_tokens_host, active_rows
                     )
                     if is_active
                 ]
@@ -389,6 +393,15 @@ def longspec_decode(
     draft.last_stats = stats
     draft.last_draft_cache_nbytes = drafter.cache.nbytes()
     return output.finish(input_ids, return_dict)
+
+
+def _chain_outcome(chains: list[list[int]], emitted: list[int], verified: bool) -> int:
+    """`RowOutcome.chain_match` of a row: what its best chain matched of the emitted tokens; an unverified
+    chain that matched all of them counts with its whole length (it might have gone on matching)."""
+    matched = chain_match(chains, emitted)
+    if not verified and chains and matched == len(emitted):
+        return max(matched, len(chains[0]))
+    return matched
 
 
 def _to_device(values: list, device: torch.device) -> torch.Tensor:
