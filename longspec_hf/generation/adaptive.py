@@ -131,7 +131,11 @@ class RoundPlanner:
         self.refresh_every = refresh_every
         self.full = Plan(max_depth, lookup)
         self.plans = [Plan(d, c) for d in range(max_depth + 1) for c in ((False, True) if lookup else (False,))]
-        self.outcomes: deque[list[RowOutcome]] = deque(maxlen=window)
+        # Per recent round, the mean gain per row of every plan (in `self.plans` order), and their sums:
+        # choosing a plan costs a few operations per plan, not a pass over the window.
+        self.window = window
+        self.round_gains: deque[list[float]] = deque()
+        self.gain_sums = [0.0] * len(self.plans)
         self.current = self.full
         self.rounds_since_full = 0
 
@@ -139,7 +143,7 @@ class RoundPlanner:
         """The next round's plan, `remaining_tokens` being at most how many tokens are still to come."""
         if (
             self.costs.measured(self.full) is None
-            or len(self.outcomes) < MIN_ROUNDS
+            or len(self.round_gains) < MIN_ROUNDS
             or self.rounds_since_full >= self.refresh_every
         ):
             self.current = self.full
@@ -157,13 +161,19 @@ class RoundPlanner:
         """The round just verified with `plan`: its wall time and each active row's outcome."""
         self.costs.record(plan, seconds)
         if outcomes:
-            self.outcomes.append(outcomes)
+            gains = [sum(row.gain(p) for row in outcomes) / len(outcomes) for p in self.plans]
+            self.round_gains.append(gains)
+            self.gain_sums = [total + gain for total, gain in zip(self.gain_sums, gains)]
+            if len(self.round_gains) > self.window:
+                dropped = self.round_gains.popleft()
+                self.gain_sums = [total - gain for total, gain in zip(self.gain_sums, dropped)]
         self.rounds_since_full = 0 if plan.depth == self.max_depth else self.rounds_since_full + 1
 
     def expected_gain(self, plan: Plan) -> float:
         """Mean tokens per row per round that `plan` would have gained over the recent rounds."""
-        per_round = [statistics.fmean(row.gain(plan) for row in rows) for rows in self.outcomes]
-        return statistics.fmean(per_round) if per_round else 1.0
+        if not self.round_gains:
+            return 1.0
+        return self.gain_sums[self.plans.index(plan)] / len(self.round_gains)
 
     def cost(self, plan: Plan) -> float:
         """Measured seconds per round, else the full plan's scaled by the measured (or default) shares."""

@@ -351,14 +351,19 @@ def longspec_decode(
             seq_len += gained
             # The round's one wait for the device: what the host needs to emit tokens and keep statistics.
             host_rows = to_host.tolist()
+            round_start, round_end = round_end, time.perf_counter()
             gained_host = [row[0] for row in host_rows]
             lengths_before, seq_len_host = seq_len_host, [s + g for s, g in zip(seq_len_host, gained_host)]
             ring_lag = (0 if drafted else ring_lag) + max(gained_host)
             gained_active = [g for g, a in zip(gained_host, active_rows) if a]
             new_tokens_host = [row[1 : 1 + path_width] for row in host_rows]
+            if draft_ahead:
+                # Planned from the rounds before this one: this round is recorded below, while the
+                # next tree is drafted on the device.
+                next_round = next_plan()
+                ahead = (next_round, *propose(next_round, ring_lag))
             # Every plan's round costs are kept with the workspace, so that a later adaptive call knows
             # which plans have their graphs captured already.
-            round_start, round_end = round_end, time.perf_counter()
             if planner is None:
                 workspace.plan_costs.record(plan, round_end - round_start)
             else:
@@ -375,9 +380,6 @@ def longspec_decode(
                     if is_active
                 ]
                 planner.record(plan, round_end - round_start, outcomes)
-            if draft_ahead:
-                next_round = next_plan()
-                ahead = (next_round, *propose(next_round, ring_lag))
 
             taken = output.add(new_tokens_host, gained_host, tokens, lengths_before, node_scores, node_logits)
             if lookup is not None:
