@@ -174,15 +174,26 @@ def test_row_outcome_counterfactual_gains():
 
 
 def test_chain_outcome_is_optimistic_only_where_the_round_could_not_tell():
-    from longspec_hf.generation.decoding import _chain_outcome
-
     # Not verified, agreed with both emitted tokens: it might have gone on, counted whole.
-    assert _chain_outcome([[5, 6, 7, 8]], [5, 6], verified=False) == 4
+    assert adaptive.chain_outcome([[5, 6, 7, 8]], [5, 6], verified=False) == 4
     # Verified: what was accepted along it is exact.
-    assert _chain_outcome([[5, 6, 7, 8]], [5, 6], verified=True) == 2
+    assert adaptive.chain_outcome([[5, 6, 7, 8]], [5, 6], verified=True) == 2
     # A mismatch inside the emitted tokens is exact either way; the best chain counts.
-    assert _chain_outcome([[5, 9, 7, 8], [5, 6, 1, 1]], [5, 6, 7], verified=False) == 2
-    assert _chain_outcome([], [5], verified=False) == 0
+    assert adaptive.chain_outcome([[5, 9, 7, 8], [5, 6, 1, 1]], [5, 6, 7], verified=False) == 2
+    assert adaptive.chain_outcome([], [5], verified=False) == 0
+
+
+def test_row_outcomes_of_a_round():
+    gained, from_chains = [3, 1, 2], [0, 0, 2]
+    chains = [[[5, 6, 7, 8]], [[1]], [[4, 4, 9]]]
+    emitted = [[5, 6, 9, 0], [2, 0, 0, 0], [4, 4, 1, 0]]
+    active = [True, False, True]
+    verified = adaptive.row_outcomes(Plan(3, True), gained, from_chains, chains, emitted, active)
+    # Row 1 is done; row 2's path ran along its chain, so the draft's own acceptance is unknown.
+    assert verified == [RowOutcome(3, 2, 2), RowOutcome(3, None, 2)]
+    unverified = adaptive.row_outcomes(Plan(3, False), gained, [0, 0, 0], chains, emitted, active)
+    assert unverified == [RowOutcome(3, 2, 2), RowOutcome(3, 1, 3)]
+    assert adaptive.row_outcomes(Plan(3, False), gained, [0, 0, 0], None, emitted, active)[1].chain_match == 0
 
 
 def run_planner(planner, cost, accepted: int, chain: int, rounds: int, remaining: int, capture: float = 5.0):

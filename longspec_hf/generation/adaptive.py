@@ -29,6 +29,8 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
+from .retrieval import chain_match
+
 DEFAULT_WINDOW = 16
 MIN_ROUNDS = 8  # rounds of the full plan before any other plan is considered
 DEFAULT_REFRESH_EVERY = 16
@@ -75,6 +77,44 @@ class RowOutcome:
         """Tokens this row would have gained with `plan` (a lower bound where the round could not tell)."""
         drafted = min(self.draft_accepted or 0, plan.depth)
         return 1 + max(drafted, self.chain_match if plan.chains else 0)
+
+
+def row_outcomes(
+    plan: Plan,
+    gained: list[int],
+    from_chains: list[int],
+    chains: list[list[list[int]]] | None,
+    emitted: list[list[int]],
+    active: list[bool],
+) -> list[RowOutcome]:
+    """The [`RowOutcome`] of every active row of a round verified with `plan`.
+
+    Args:
+        gained: tokens each row gained (accepted + the bonus token).
+        from_chains: accepted tokens each row took from a lookup chain (0: its path stayed in the draft tree).
+        chains: each row's lookup chains of the round (None without lookup), verified or not.
+        emitted: each row's tokens of the round after the root (at least `gained[b]` of them).
+        active: rows still generating.
+    """
+    rows = zip(gained, from_chains, chains or [[]] * len(gained), emitted, active)
+    return [
+        RowOutcome(
+            depth=plan.depth,
+            draft_accepted=count - 1 if not taken else None,
+            chain_match=chain_outcome(row_chains, row_emitted[:count], verified=plan.chains),
+        )
+        for count, taken, row_chains, row_emitted, is_active in rows
+        if is_active
+    ]
+
+
+def chain_outcome(chains: list[list[int]], emitted: list[int], verified: bool) -> int:
+    """`RowOutcome.chain_match` of a row: what its best chain matched of the emitted tokens; an unverified
+    chain that matched all of them counts with its whole length (it might have gone on matching)."""
+    matched = chain_match(chains, emitted)
+    if not verified and chains and matched == len(emitted):
+        return max(matched, len(chains[0]))
+    return matched
 
 
 class PlanCosts:

@@ -34,12 +34,12 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..modeling import LongSpecDraftModel, cache_keyword
-from .adaptive import Plan, RoundPlanner, RowOutcome
+from .adaptive import Plan, RoundPlanner, row_outcomes
 from .attention import LongSpecAttentionInputs, longspec_attention
 from .cuda_graphs import GraphedCall
 from .output import OutputCollector
 from .processing import SCORES_ONLY_PROCESSORS, tree_scores
-from .retrieval import NgramIndex, branch_length, chain_match
+from .retrieval import NgramIndex, branch_length
 from .sampling import resolve_sampling_rule
 from .tree import ChainLayout, DraftTree, accept_greedy
 from .verify import merge_positions_verify
@@ -367,18 +367,8 @@ def longspec_decode(
             if planner is None:
                 workspace.plan_costs.record(plan, round_end - round_start)
             else:
-                retrieved = [row[-1] if tree.retrieval is not None else 0 for row in host_rows]
-                outcomes = [
-                    RowOutcome(
-                        depth=plan.depth,
-                        draft_accepted=gained - 1 if not from_chain else None,
-                        chain_match=_chain_outcome(row_chains, row_tokens[:gained], verified=plan.chains),
-                    )
-                    for gained, from_chain, row_chains, row_tokens, is_active in zip(
-                        gained_host, retrieved, proposals or [[]] * batch_size, new_tokens_host, active_rows
-                    )
-                    if is_active
-                ]
+                from_chains = [row[-1] if tree.retrieval is not None else 0 for row in host_rows]
+                outcomes = row_outcomes(plan, gained_host, from_chains, proposals, new_tokens_host, active_rows)
                 planner.record(plan, round_end - round_start, outcomes)
 
             taken = output.add(new_tokens_host, gained_host, tokens, lengths_before, node_scores, node_logits)
@@ -395,15 +385,6 @@ def longspec_decode(
     draft.last_stats = stats
     draft.last_draft_cache_nbytes = drafter.cache.nbytes()
     return output.finish(input_ids, return_dict)
-
-
-def _chain_outcome(chains: list[list[int]], emitted: list[int], verified: bool) -> int:
-    """`RowOutcome.chain_match` of a row: what its best chain matched of the emitted tokens; an unverified
-    chain that matched all of them counts with its whole length (it might have gone on matching)."""
-    matched = chain_match(chains, emitted)
-    if not verified and chains and matched == len(emitted):
-        return max(matched, len(chains[0]))
-    return matched
 
 
 def _to_device(values: list, device: torch.device) -> torch.Tensor:
