@@ -35,10 +35,11 @@ DEFAULT_WINDOW = 16
 MIN_ROUNDS = 8  # rounds of the full plan before any other plan is considered
 DEFAULT_REFRESH_EVERY = 16
 COST_SAMPLES = 8  # recent wall times kept per plan
-# Shares of a round's wall time, measured with SmolLM2-135M on an H100 (bench/round_cost.py): the five
-# draft levels of the default tree (with the wider verify they bring) and two lookup chains.
+# Shares of a round's wall time with SmolLM2-135M (bench/round_cost.py on an H100 and an H200, see
+# BENCHMARKS.md): the five draft levels of the default tree with the wider verify they bring (0.31 with
+# a compiled draft, 0.36 without) and two lookup chains (0.11-0.14).
 DRAFT_SHARE = 0.3
-CHAIN_SHARE = 0.08
+CHAIN_SHARE = 0.12
 # Until a first round's overhead is measured, a graph capture is taken to cost this many rounds.
 DEFAULT_CAPTURE_ROUNDS = 30
 
