@@ -66,8 +66,9 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         if not compiled:
             return self.draft.append_and_query_root, self.draft.query_tree_level
         if self._compiled_passes is None:
-            # Shapes are fixed per tree (one specialisation per level), so no dynamic shapes: Inductor
-            # fuses the block's norms, rotary embeddings, masks and residuals into a few kernels.
+            # Shapes are fixed per tree (one specialisation per level), except the target cache's
+            # capacity, which `propose_tree` marks dynamic. Inductor fuses the block's norms, rotary
+            # embeddings, masks and residuals into a few kernels.
             self._compiled_passes = (
                 torch.compile(self.draft.append_and_query_root, dynamic=False),
                 torch.compile(self.draft.query_tree_level, dynamic=False),
