@@ -4,7 +4,8 @@ Round costs do not depend on the weights, only on the shapes, so this needs no c
 is a random Llama with SmolLM2-135M's layout and the draft is the bundled one (random weights would do
 as well). For each method it reports the wall time per round and, from CUDA events around every graph
 replay, the GPU time of the draft's tree proposal and of the verify forward; the rest of a round is
-eager launches and host work. `--profile` adds a torch.profiler table of host time per op.
+eager launches and host work. `--profile` adds a torch.profiler table of host time per op,
+`--profile-graphs` the kernels inside each captured graph (count and device time per replay).
 
     PYTHONPATH=. python bench/round_cost.py --context 4096 --out $OUT
 """
@@ -125,6 +126,28 @@ def profile_round(target, prompt, kwargs, out: str, method: str) -> None:
     print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60))
 
 
+def profile_graphs(calls: dict[str, cuda_graphs.GraphedCall], method: str, replays: int = 10) -> None:
+    """torch.profiler over replays of each captured graph: kernels per replay and device time by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, call in calls.items():
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                call.graph.replay()
+            torch.cuda.synchronize()
+        by_kernel = defaultdict(lambda: [0, 0.0])
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                by_kernel[event.name[:90]][0] += 1
+                by_kernel[event.name[:90]][1] += event.device_time_total
+        kernels = sum(count for count, _ in by_kernel.values()) / replays
+        busy_ms = sum(us for _, us in by_kernel.values()) / replays / 1e3
+        print(f"--- {method}, graph {name}: {kernels:.0f} kernels, {busy_ms:.3f} ms busy per replay")
+        for kernel, (count, us) in sorted(by_kernel.items(), key=lambda item: -item[1][1])[:25]:
+            print(f"{count / replays:6.0f} {us / replays:9.1f} us  {kernel}")
+
+
 def profile_host(target, prompt, kwargs, method: str, new_tokens: int) -> None:
     """torch.profiler with graphs: host time per op, what the graphs leave on the host."""
     from torch.profiler import ProfilerActivity, profile
@@ -143,6 +166,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler GPU time per op (eager)")
     parser.add_argument("--profile-host", action="store_true", help="also print host time per op (with graphs)")
+    parser.add_argument("--profile-graphs", action="store_true", help="also print the kernels inside each graph")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
 
@@ -179,6 +203,8 @@ def main() -> None:
         print(method, json.dumps(row))
         if args.profile:
             profile_round(target, prompt, kwargs, args.out, method)
+        if args.profile_graphs:
+            profile_graphs(timer.calls, method)
         if args.profile_host:
             profile_host(target, prompt, kwargs, method, args.new_tokens)
     with open(os.path.join(args.out, "round_cost.json"), "w") as f:
