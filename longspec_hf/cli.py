@@ -95,23 +95,30 @@ def _run_demo(args: argparse.Namespace) -> int:
         import transformers.generation.utils as source
 
         text = open(source.__file__, encoding="utf-8").read()
-    context = args.context or (4096 if device.startswith("cuda") else 1024)
+    on_cuda = device.startswith("cuda")
+    context = args.context or (4096 if on_cuda else 1024)
     ids = tokenizer(text, return_tensors="pt").input_ids[:, -context:].to(device)
+    # The hybrid tree: the draft's tree plus prompt-lookup chains (long prompts repeat themselves). On a
+    # CPU, verification cost grows with every tree node: a short chain and one lookup chain, with each
+    # round planned from measured costs (`adaptive`), are the better trade there.
+    if on_cuda:
+        longspec = dict(assistant_model=draft, prompt_lookup_branches=2)
+        described = "the draft's tree + 2 lookup chains"
+    else:
+        longspec = dict(assistant_model=draft, tree_widths=[1, 1, 1], prompt_lookup_branches=1, adaptive=True)
+        described = "chain [1, 1, 1] + 1 lookup chain, adaptive"
     print(f"SmolLM2-135M-Instruct on {device} ({str(dtype).removeprefix('torch.')}), prompt {ids.shape[1]} tokens, "
-          f"{args.max_new_tokens} new tokens, tree {'from the draft' if device.startswith('cuda') else '[1, 1, 1]'}")
+          f"{args.max_new_tokens} new tokens, {described}")
 
     def timed(**kwargs):
-        if device.startswith("cuda"):
+        if on_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         out = target.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, **kwargs)
-        if device.startswith("cuda"):
+        if on_cuda:
             torch.cuda.synchronize()
         return out, time.perf_counter() - start
 
-    # On a CPU, verification cost grows with every tree node: a short chain is the better trade there.
-    tree_widths = None if device.startswith("cuda") else [1, 1, 1]
-    longspec = dict(assistant_model=draft, tree_widths=tree_widths)
     # Untimed warm-up of both calls, stopped after 8 tokens: kernel selection, and for LongSpec the
     # buffers and CUDA graphs that later calls of this shape reuse.
     stop_early = StoppingCriteriaList([StopAfter(ids.shape[1] + 8)])
