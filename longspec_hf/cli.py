@@ -245,7 +245,15 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .benchmarking import COMPILED_METHODS, EAGER_METHODS, METHODS, markdown_table, run_benchmark, summary_rows, write_report
+    from .benchmarking import (
+        COMPILED_METHODS,
+        EAGER_METHODS,
+        METHODS,
+        markdown_table,
+        run_benchmark,
+        summary_rows,
+        write_report,
+    )
 
     unknown = sorted(set(args.methods or ()) - set(METHODS + EAGER_METHODS + COMPILED_METHODS))
     if unknown:

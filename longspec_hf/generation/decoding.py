@@ -124,9 +124,10 @@ def longspec_decode(
     row's suffix where it occurred before (`retrieval.py`): the tree then has at most
     `1 + sum(tree_widths) + K * branch_length` nodes, dummies included, in every round. `adaptive` plans
     each round instead: how many of the tree's levels to draft (none: plain decoding) and whether to
-    hang the chains, whichever gives the most tokens per second measured so far (`adaptive.py`). `cuda_graphs` replays the verify forward and the
-    greedy draft from CUDA graphs on a CUDA target (`cuda_graphs.py`), kept on the draft for later calls
-    of the same shape (`workspace.py`); elsewhere the same fixed-shape steps run eagerly.
+    hang the chains, whichever gives the most tokens per second measured so far (`adaptive.py`).
+    `cuda_graphs` replays the verify forward and the greedy draft from CUDA graphs on a CUDA target
+    (`cuda_graphs.py`), kept on the draft for later calls of the same shape (`workspace.py`); elsewhere
+    the same fixed-shape steps run eagerly.
     `cuda_graphs=False` runs the plain eager loop with fresh buffers. `compile_draft` runs the draft
     block of that greedy graph through `torch.compile` (fewer, fused kernels per tree level; the first
     call of a process compiles for a few seconds).

@@ -23,8 +23,8 @@ import torch
 from transformers import PreTrainedModel
 
 from ..modeling import LongSpecDraftModel
-from .cache import LongSpecCache
 from .adaptive import PlanCosts
+from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator
 from .cuda_graphs import GraphedCall
 from .tree import DraftTree
