@@ -45,6 +45,9 @@ METHODS = {
     "tree_compiled": dict(compile_draft=True),
     "hybrid_compiled": dict(prompt_lookup_branches=2, compile_draft=True),
     "hybrid_adaptive_compiled": dict(prompt_lookup_branches=2, compile_draft=True, adaptive=True),
+    "no_draft_compiled_all": dict(tree_widths=[], compile_target=True),
+    "tree_compiled_all": dict(compile_draft=True, compile_target=True),
+    "hybrid_compiled_all": dict(prompt_lookup_branches=2, compile_draft=True, compile_target=True),
 }
 
 

@@ -13,7 +13,9 @@ Methods (all greedy, batch 1, the same `max_new_tokens`):
 
 `longspec_*_eager` variants run the same loop without CUDA graphs (`cuda_graphs=False`), which shows
 what the graphs save. Every LongSpec method but the eager ones uses them on a CUDA target.
-`longspec_*_compiled` variants also run the draft block through `torch.compile` (`compile_draft=True`).
+`longspec_*_compiled` variants also run the draft block through `torch.compile` (`compile_draft=True`);
+`longspec_*_compiled_all` ones the target's verify forward too (`compile_target=True`), the no-draft loop
+included.
 
 For each method: tokens/s, speedups over both transformers baselines, mean accepted tokens per round
 (tau) with a histogram of accepted lengths, and whether the tokens equal the autoregressive output (else
@@ -51,12 +53,20 @@ COMPILED_METHODS = (
     "longspec_tree_compiled",
     "longspec_hybrid_compiled",
     "longspec_hybrid_adaptive_compiled",
+    "longspec_no_draft_compiled_all",
+    "longspec_chain_compiled_all",
+    "longspec_tree_compiled_all",
+    "longspec_hybrid_compiled_all",
+    "longspec_hybrid_adaptive_compiled_all",
 )
 
 
 def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
     if name.endswith("_eager"):
         return dict(method_kwargs(name.removesuffix("_eager"), draft), cuda_graphs=False)
+    if name.endswith("_compiled_all"):
+        base = method_kwargs(name.removesuffix("_compiled_all"), draft)
+        return dict(base, compile_draft=True, compile_target=True)
     if name.endswith("_compiled"):
         return dict(method_kwargs(name.removesuffix("_compiled"), draft), compile_draft=True)
     return {

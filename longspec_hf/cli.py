@@ -152,6 +152,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-draft", action="store_true", help="plain transformers generate, for comparison")
     parser.add_argument("--compile-draft", action="store_true",
                         help="run the draft block through torch.compile (CUDA, greedy; compiles for a few seconds first)")
+    parser.add_argument("--compile-target", action="store_true",
+                        help="run the target's verify forward through torch.compile (CUDA; compiles for a few seconds first)")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -173,8 +175,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         options.update(assistant_model=_load_draft(args.draft, device, dtype), longspec_stats=stats)
         if args.tree_widths is not None:
             options["tree_widths"] = args.tree_widths
-        if args.compile_draft:
-            options["compile_draft"] = True
+        for switch in ("compile_draft", "compile_target"):
+            if getattr(args, switch):
+                options[switch] = True
     if args.seed is not None:
         torch.manual_seed(args.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True)
@@ -235,7 +238,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods", nargs="+", default=None,
         help="methods to run (default: all but the *_eager ones, which run LongSpec without CUDA graphs, "
-        "and the *_compiled ones, which compile the draft block)",
+        "and the *_compiled ones, which compile the draft block, and the *_compiled_all ones, the target too)",
     )
     parser.add_argument("--out-dir", default="longspec-bench", help="where results.json/.md and plots go")
 

@@ -64,6 +64,8 @@ def test_unsupported_architecture_names_the_supported_ones():
         (dict(tree_widths=[0, 2]), "tree_widths"),
         (dict(tree_widths=3), "tree_widths"),
         (dict(compile_draft="yes"), "compile_draft"),
+        (dict(compile_target=1), "compile_target"),
+        (dict(adaptive=None), "adaptive"),
     ],
 )
 def test_unsupported_generation_arguments(counted, kwargs, message):

@@ -114,6 +114,7 @@ def longspec_decode(
     adaptive: bool = False,
     cuda_graphs: bool = True,
     compile_draft: bool = False,
+    compile_target: bool = False,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """LongSpec tree decoding; returns what `target.generate` returns for the same arguments.
 
@@ -130,7 +131,8 @@ def longspec_decode(
     the same fixed-shape steps run eagerly.
     `cuda_graphs=False` runs the plain eager loop with fresh buffers. `compile_draft` runs the draft
     block of that greedy graph through `torch.compile` (fewer, fused kernels per tree level; the first
-    call of a process compiles for a few seconds).
+    call of a process compiles for a few seconds). `compile_target` likewise runs the target's verify
+    forward through `torch.compile` inside its graph (all modes; the prefill stays eager).
     """
     batch_size, prompt_len = input_ids.shape
     device = input_ids.device
@@ -188,6 +190,7 @@ def longspec_decode(
         accept_in_graph=accept_in_graph,
         capture=capture,
         compile_draft=compile_draft and use_graphs and not do_sample,
+        compile_target=compile_target and use_graphs,
         keep=use_graphs,
     )
     workspace.start(input_ids, pad_start, pad_token_id)

@@ -5,7 +5,7 @@ Two class-level wrappers on `GenerationMixin`, installed once by `install()`:
 - `generate`: when the assistant is a [`LongSpecDraftModel`], checks the target, the draft and the
   generation arguments before any forward pass and takes the LongSpec-only keywords (`tree_widths`,
   `longspec_stats`, `sampling_rule`, `prompt_lookup_branches` (default 0: off), `adaptive` (default
-  False), `cuda_graphs` (default True), `compile_draft` (default False)); then transformers' own `generate` prepares the generation
+  False), `cuda_graphs` (default True), `compile_draft` and `compile_target` (default False)); then transformers' own `generate` prepares the generation
   config, logits processors and stopping criteria as usual.
 - `_assisted_decoding`: where transformers would run its assisted loop, runs `longspec_decode` instead
   for a LongSpec draft.
@@ -39,7 +39,10 @@ LONGSPEC_KEYWORDS = (
     "adaptive",
     "cuda_graphs",
     "compile_draft",
+    "compile_target",
 )
+# The True/False keywords among them, with their defaults.
+SWITCHES = {"adaptive": False, "cuda_graphs": True, "compile_draft": False, "compile_target": False}
 
 
 @dataclass
@@ -53,6 +56,7 @@ class LongSpecRequest:
     adaptive: bool = False
     cuda_graphs: bool = True
     compile_draft: bool = False
+    compile_target: bool = False
 
 
 # Carries the request of the `generate` call being run from the `generate` wrapper to the decoding
@@ -177,15 +181,10 @@ def generate(self: PreTrainedModel, *args, **kwargs):
     prompt_lookup_branches = kwargs.pop("prompt_lookup_branches", 0)
     if isinstance(prompt_lookup_branches, bool) or not isinstance(prompt_lookup_branches, int) or prompt_lookup_branches < 0:
         raise ValueError(f"prompt_lookup_branches must be a non-negative integer, got {prompt_lookup_branches!r}")
-    adaptive = kwargs.pop("adaptive", False)
-    if not isinstance(adaptive, bool):
-        raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
-    cuda_graphs = kwargs.pop("cuda_graphs", True)
-    if not isinstance(cuda_graphs, bool):
-        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-    compile_draft = kwargs.pop("compile_draft", False)
-    if not isinstance(compile_draft, bool):
-        raise ValueError(f"compile_draft must be True or False, got {compile_draft!r}")
+    switches = {name: kwargs.pop(name, default) for name, default in SWITCHES.items()}
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
     generation_config = bound.arguments.get("generation_config")
     check_draft_matches_target(self, draft)
     _check_generation_arguments(self, generation_config, kwargs)
@@ -194,9 +193,7 @@ def generate(self: PreTrainedModel, *args, **kwargs):
         stats,
         sampling_rule,
         prompt_lookup_branches,
-        adaptive,
-        cuda_graphs,
-        compile_draft,
+        **switches,
     )
     token = _current_request.set(request)
     try:
@@ -229,6 +226,7 @@ def _assisted_decoding(self: PreTrainedModel, input_ids, *args, **kwargs):
         adaptive=request.adaptive,
         cuda_graphs=request.cuda_graphs,
         compile_draft=request.compile_draft,
+        compile_target=request.compile_target,
     )
 
 

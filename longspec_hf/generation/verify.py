@@ -5,6 +5,8 @@ graph per tree shape."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -25,17 +27,19 @@ def merge_positions_verify(
     chains: torch.Tensor | None,
     layout: ChainLayout | None,
     accept: bool,
+    forward: Callable[..., Any] | None = None,
 ) -> tuple[DraftTree, torch.Tensor, GreedyAcceptance | None]:
     """Hang the prompt-lookup `chains` under the root (when given) and run the target over the tree.
 
     The nodes' K/V land in the cache's tree scratch. Returns the verified tree, the `(B, 1 + N, V)`
-    logits at every node and, when `accept`, the greedy acceptance of the raw logits.
+    logits at every node and, when `accept`, the greedy acceptance of the raw logits. `forward` runs
+    the target's forward instead of `target` itself (its compiled version).
     """
     if chains is not None:
         tree = layout.merge(tree, chains)
     # The root is each row's last token.
     positions = (seq_len - 1 - pad_start)[:, None] + tree.depths[None, :]
-    logits = target(
+    logits = (target if forward is None else forward)(
         input_ids=tree.tokens,
         position_ids=positions,
         **{cache_keyword(target): cache},
@@ -59,6 +63,8 @@ class GraphedVerify:
         seq_len, pad_start: `(B,)` the decoding loop's row lengths and left padding (read in place).
         accept: also run greedy acceptance in the graph (greedy decoding without logits processors).
         capture: capture CUDA graphs (False: run the same steps eagerly).
+        compiled: run the target's forward through `torch.compile` (one specialisation per tree shape;
+            the cache capacity is a dynamic dimension, so a new prompt length compiles nothing).
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class GraphedVerify:
         pad_start: torch.Tensor,
         accept: bool,
         capture: bool = True,
+        compiled: bool = False,
     ):
         self.target = target
         self.cache = cache
@@ -76,6 +83,14 @@ class GraphedVerify:
         self.pad_start = pad_start
         self.accept = accept
         self.capture = capture
+        # Inductor fuses each layer's norms, rotary embedding and residual adds into a few kernels (a
+        # small target's forward otherwise launches dozens of tiny kernels per layer); the attention
+        # enters as the opaque operator `longspec::prefix_tree_attention`.
+        self.forward = torch.compile(target, dynamic=False) if compiled else None
+        if compiled:
+            # The capacity differs between prompt lengths; the forward reads only the committed slots
+            # (through the attention kernel), so one compiled graph serves every capacity.
+            torch._dynamo.maybe_mark_dynamic(cache.kv, 4)
         self.graphs: dict[tuple, tuple[StaticInputs, GraphedCall]] = {}
 
     def __call__(
@@ -115,6 +130,7 @@ class GraphedVerify:
                     inputs["chains"] if chains is not None else None,
                     layout,
                     self.accept,
+                    self.forward,
                 ),
                 self.capture,
             )
@@ -122,3 +138,4 @@ class GraphedVerify:
         inputs, call = self.graphs[shape]
         inputs.update(**inputs_now)
         return call()
+

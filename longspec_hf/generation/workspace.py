@@ -52,6 +52,7 @@ class WorkspaceKey:
     accept_in_graph: bool
     capture: bool
     compile_draft: bool
+    compile_target: bool
     # Tensors made under torch.inference_mode cannot be updated in place outside it (and vice versa
     # for graphs captured there), so a workspace serves calls of the mode it was made in.
     inference_mode: bool
@@ -69,6 +70,7 @@ class WorkspaceKey:
         accept_in_graph: bool,
         capture: bool,
         compile_draft: bool = False,
+        compile_target: bool = False,
     ) -> "WorkspaceKey":
         tensors = itertools.chain(target.parameters(), target.buffers(), draft.parameters(), draft.buffers())
         return cls(
@@ -81,6 +83,7 @@ class WorkspaceKey:
             accept_in_graph=accept_in_graph,
             capture=capture,
             compile_draft=compile_draft,
+            compile_target=compile_target,
             inference_mode=torch.is_inference_mode_enabled(),
             models=(id(target), id(draft)),
             # Graphs hold raw addresses: moved or replaced weights need new graphs.
@@ -132,7 +135,15 @@ class DecodingWorkspace:
         self.tokens = torch.zeros(batch, capacity, dtype=key.token_dtype, device=device)
         self.seq_len = torch.zeros(batch, dtype=torch.long, device=device)
         self.drafter = LongSpecCandidateGenerator(draft, target, list(key.tree_widths), batch, self.cache.target_kv)
-        self.verify = GraphedVerify(target, self.cache, self.seq_len, self.pad_start, key.accept_in_graph, key.capture)
+        self.verify = GraphedVerify(
+            target,
+            self.cache,
+            self.seq_len,
+            self.pad_start,
+            key.accept_in_graph,
+            key.capture,
+            compiled=key.compile_target,
+        )
         self.draft_graphs: dict[int, GraphedCall[DraftTree]] = {}
         self.plan_costs = PlanCosts()
         # Set while a call decodes with it: a concurrent call (another thread) gets its own buffers.
@@ -184,6 +195,7 @@ def acquire_workspace(
     capture: bool,
     keep: bool,
     compile_draft: bool = False,
+    compile_target: bool = False,
 ) -> DecodingWorkspace:
     """The draft's kept workspace when it fits this call, else a new one (kept on the draft if `keep`).
 
@@ -194,7 +206,7 @@ def acquire_workspace(
             shared nor replaced: this call then gets buffers of its own.
     """
     key = WorkspaceKey.of(
-        target, draft, input_ids, tree_widths, max_tree_nodes, accept_in_graph, capture, compile_draft
+        target, draft, input_ids, tree_widths, max_tree_nodes, accept_in_graph, capture, compile_draft, compile_target
     )
     kept: DecodingWorkspace | None = getattr(draft, ATTRIBUTE, None)
     if kept is not None and kept.in_use:

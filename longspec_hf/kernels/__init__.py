@@ -68,6 +68,8 @@ def prefix_tree_attention(
     module = _tree_attention_triton
     reason = lambda: module.unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tree_mask, scale)
     if _use_triton(backend, module, reason, query.device):
+        if torch.compiler.is_compiling():
+            return module.prefix_tree_attention_op(*args)
         return module.prefix_tree_attention(*args)
     return reference.prefix_tree_attention(*args)
 

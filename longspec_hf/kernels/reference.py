@@ -119,8 +119,12 @@ def prefix_tree_attention(
     Returns:
         `out` `(B, Hq, Tq, D)` and `lse` `(B, Hq, Tq)` (float32) of attention over both parts together.
     """
-    # Only slots below the longest row's end can be visible: skip the preallocated tail.
-    num_slots = int(prefix_end.max()) if prefix_end.numel() else 0
+    # Only slots below the longest row's end can be visible: skip the preallocated tail (eagerly;
+    # compiled code cannot wait for that value).
+    if torch.compiler.is_compiling():
+        num_slots = key_prefix.shape[2]
+    else:
+        num_slots = int(prefix_end.max()) if prefix_end.numel() else 0
     prefix_visible = prefix_visibility(prefix_start, prefix_end, num_slots)
     out_p, lse_p = attention_with_lse(
         query, key_prefix[:, :, :num_slots], value_prefix[:, :, :num_slots], prefix_visible, scale

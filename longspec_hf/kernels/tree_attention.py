@@ -428,7 +428,11 @@ def two_pass_prefix_tree_attention(
 
 
 # torch.compile cannot look inside a Triton launch that picks its tiles in Python, so compiled code
-# reaches the mask-free prefix kernel through this opaque operator (outputs are fresh, never views).
+# reaches the kernels through these opaque operators (outputs are fresh, never views).
+def _fake_attention_outputs(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(query, memory_format=torch.contiguous_format), query.new_empty(query.shape[:3], dtype=torch.float32)
+
+
 @torch.library.custom_op("longspec::prefix_attention", mutates_args=())
 def prefix_attention_op(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor, end: torch.Tensor, scale: float
@@ -438,4 +442,26 @@ def prefix_attention_op(
 
 @prefix_attention_op.register_fake
 def _(query, key, value, start, end, scale):
-    return torch.empty_like(query, memory_format=torch.contiguous_format), query.new_empty(query.shape[:3], dtype=torch.float32)
+    return _fake_attention_outputs(query)
+
+
+@torch.library.custom_op("longspec::prefix_tree_attention", mutates_args=())
+def prefix_tree_attention_op(
+    query: torch.Tensor,
+    key_prefix: torch.Tensor,
+    value_prefix: torch.Tensor,
+    prefix_start: torch.Tensor,
+    prefix_end: torch.Tensor,
+    key_tree: torch.Tensor,
+    value_tree: torch.Tensor,
+    tree_mask: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return prefix_tree_attention(
+        query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale
+    )
+
+
+@prefix_tree_attention_op.register_fake
+def _(query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale):
+    return _fake_attention_outputs(query)
