@@ -144,22 +144,38 @@ def test_compiled_draft_on_cuda_matches_plain_generate():
     assert stats.mean_accepted_length > 1
 
 
+def first_divergence_margin(target, reference, output, mask) -> float | None:
+    """Where `output` first leaves `reference` (plain generate's tokens): how far the token it took is
+    below the best logit of the target there (eager forward over the reference); None when equal."""
+    differ = (reference != output).nonzero()
+    if not len(differ):
+        return None
+    row, position = (int(x) for x in differ[0])
+    full_mask = torch.cat([mask, torch.ones_like(reference[:, mask.shape[1]:])], dim=1)
+    with torch.no_grad():
+        logits = target(reference, attention_mask=full_mask).logits[row, position - 1].float()
+    return float(logits.max() - logits[output[row, position]])
+
+
 @pytest.mark.parametrize("lookup", [0, 2])
 def test_compiled_target_on_cuda_matches_plain_generate(lookup):
     """`compile_target=True` (with `compile_draft=True`): the target's verify forward runs through
-    torch.compile inside its CUDA graph (the tree attention as an opaque custom op); outputs stay those of
-    plain generate, with and without prompt-lookup chains, across prompt lengths (cache capacities)."""
+    torch.compile inside its CUDA graph (the tree attention as an opaque custom op), across prompt lengths
+    (cache capacities), with and without prompt-lookup chains. Inductor's kernels round differently from
+    eager ones, so in fp32 an output may leave plain generate's only where the target's two best logits
+    tie within rounding (a margin below 1e-3); every other token is the same."""
     rng = random.Random(f"compiled-target-{lookup}")
     target = make_target("llama", seed=11, num_key_value_heads=2, hidden_size=64, num_attention_heads=4).cuda()
     draft = make_draft(target, seed=12).cuda()
-    mismatches = []
+    margins = []
     for case in range(8):
         ids, mask = random_batch(rng, target.config.vocab_size, rng.choice([1, 2]), rng.randrange(1, 600))
-        kwargs = dict(attention_mask=mask.cuda(), max_new_tokens=rng.choice([9, 60]), do_sample=False)
-        reference = target.generate(ids.cuda(), **kwargs)
+        ids, mask = ids.cuda(), mask.cuda()
+        kwargs = dict(attention_mask=mask, max_new_tokens=rng.choice([9, 60]), do_sample=False)
+        reference = target.generate(ids, **kwargs)
         stats = LongSpecStats()
         output = target.generate(
-            ids.cuda(),
+            ids,
             assistant_model=draft,
             compile_draft=True,
             compile_target=True,
@@ -167,7 +183,7 @@ def test_compiled_target_on_cuda_matches_plain_generate(lookup):
             longspec_stats=stats,
             **kwargs,
         )
-        if not torch.equal(reference, output):
-            mismatches.append(case)
-    assert not mismatches
+        margins.append(first_divergence_margin(target, reference, output, mask))
+    assert all(margin is None or margin < 1e-3 for margin in margins), margins
+    assert margins.count(None) >= 6
     assert stats.mean_accepted_length > 1
