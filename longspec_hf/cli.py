@@ -152,6 +152,9 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-draft", action="store_true", help="plain transformers generate, for comparison")
     parser.add_argument("--compile-draft", action="store_true",
                         help="run the draft block through torch.compile (CUDA, greedy; compiles for a few seconds first)")
+    parser.add_argument("--prompt-lookup-branches", type=int, default=None,
+                        help="prompt-lookup chains hung beside the draft's tree (default: none)")
+    parser.add_argument("--prompt-lookup-length", type=int, default=None, help="tokens per prompt-lookup chain")
     parser.add_argument("--compile-target", action="store_true",
                         help="run the target's verify forward through torch.compile (CUDA; compiles for a few seconds first)")
 
@@ -178,6 +181,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         for switch in ("compile_draft", "compile_target"):
             if getattr(args, switch):
                 options[switch] = True
+        for name in ("prompt_lookup_branches", "prompt_lookup_length"):
+            if getattr(args, name) is not None:
+                options[name] = getattr(args, name)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     streamer = TextStreamer(tokenizer, skip_prompt=True)

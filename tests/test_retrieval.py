@@ -144,6 +144,33 @@ def test_random_cases_with_prompt_lookup_match_plain_generate(arch):
     assert not mismatches, f"{len(mismatches)} of {cases} cases differ: {mismatches[:5]}"
 
 
+def test_chains_of_any_length_match_plain_generate():
+    """`prompt_lookup_length` sets the chains' length, shorter or much longer than the draft's tree (which
+    also sets how far one round can advance a row and the cache's spare slots)."""
+    rng = random.Random("chain-length")
+    target = make_target("llama", seed=13)
+    draft = make_draft(target, seed=14)
+    mismatches = []
+    gained = []
+    for case in range(16):
+        ids, mask = repetitive_batch(rng, target.config.vocab_size, rng.choice([1, 2]), rng.randrange(2, 40))
+        kwargs = dict(attention_mask=mask, max_new_tokens=rng.choice([3, 25, 70]), do_sample=False)
+        reference = target.generate(ids, **kwargs)
+        length = rng.choice([1, 3, 12, 20])
+        stats = LongSpecStats()
+        output = target.generate(
+            ids, assistant_model=draft, tree_widths=rng.choice([[2], [2, 2, 2]]), prompt_lookup_branches=2,
+            prompt_lookup_length=length, adaptive=rng.random() < 0.3, longspec_stats=stats, **kwargs,
+        )
+        if not torch.equal(reference, output):
+            mismatches.append((case, length))
+        gained.append((length, max(stats.accepted_lengths)))
+    assert not mismatches
+    # A round gains at most one token past its longest chain or tree path, and long chains do get used.
+    assert all(most <= max(length, 3) + 1 for length, most in gained)
+    assert max(most for length, most in gained if length >= 12) > 8
+
+
 def test_prompt_lookup_raises_acceptance_with_a_random_draft():
     """A repetitive prompt: the target keeps copying, so the chains are accepted where the random draft is not."""
     rng = random.Random("lookup-gain")
@@ -275,10 +302,19 @@ def test_adaptive_mode_output_and_stats(llama_pair):
     assert costs.has_run(Plan(len(draft.config.tree_widths), False))
 
 
-@pytest.mark.parametrize("bad", [dict(prompt_lookup_branches=-1), dict(prompt_lookup_branches=True), dict(adaptive=1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(prompt_lookup_branches=-1),
+        dict(prompt_lookup_branches=True),
+        dict(adaptive=1),
+        dict(prompt_lookup_branches=1, prompt_lookup_length=0),
+        dict(prompt_lookup_length=8),
+    ],
+)
 def test_bad_lookup_arguments_are_refused(llama_pair, bad):
     target, draft = llama_pair
-    with pytest.raises(ValueError, match=next(iter(bad))):
+    with pytest.raises(ValueError, match=list(bad)[-1]):
         target.generate(torch.tensor([[5, 6]]), assistant_model=draft, max_new_tokens=2, **bad)
 
 

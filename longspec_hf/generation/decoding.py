@@ -111,6 +111,7 @@ def longspec_decode(
     stats: LongSpecStats | None = None,
     sampling_rule: str | None = None,
     prompt_lookup_branches: int = 0,
+    prompt_lookup_length: int | None = None,
     adaptive: bool = False,
     cuda_graphs: bool = True,
     compile_draft: bool = False,
@@ -121,9 +122,10 @@ def longspec_decode(
     Greedy (`do_sample=False`) gives the same tokens; sampling draws from the same distribution, with
     `sampling_rule` (see `sampling.py`) verifying the trees.
 
-    `prompt_lookup_branches=K` adds K chains of `branch_length(len(tree_widths))` tokens continuing the
-    row's suffix where it occurred before (`retrieval.py`): the tree then has at most
-    `1 + sum(tree_widths) + K * branch_length` nodes, dummies included, in every round. `adaptive` plans
+    `prompt_lookup_branches=K` adds K chains of `prompt_lookup_length` tokens (default
+    `branch_length(len(tree_widths))`) continuing the row's suffix where it occurred before
+    (`retrieval.py`): the tree then has `1 + sum(tree_widths) + K * prompt_lookup_length` nodes, dummies
+    included, in every round. `adaptive` plans
     each round instead: how many of the tree's levels to draft (none: plain decoding) and whether to
     hang the chains, whichever gives the most tokens per second measured so far (`adaptive.py`).
     `cuda_graphs` replays the verify forward and the greedy draft from CUDA graphs on a CUDA target
@@ -170,7 +172,9 @@ def longspec_decode(
     if max_new_tokens <= 0:
         return output.finish(input_ids, return_dict)
 
-    chain_length = branch_length(len(tree_widths)) if prompt_lookup_branches > 0 else 0
+    chain_length = 0
+    if prompt_lookup_branches > 0:
+        chain_length = prompt_lookup_length or branch_length(len(tree_widths))
     num_tree_nodes = 1 + sum(tree_widths) + prompt_lookup_branches * chain_length
     max_depth = max(len(tree_widths), chain_length)
     # Finished rows keep riding along in the batch: leave room for one more path past the last token.

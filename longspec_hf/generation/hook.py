@@ -4,7 +4,7 @@ Two class-level wrappers on `GenerationMixin`, installed once by `install()`:
 
 - `generate`: when the assistant is a [`LongSpecDraftModel`], checks the target, the draft and the
   generation arguments before any forward pass and takes the LongSpec-only keywords (`tree_widths`,
-  `longspec_stats`, `sampling_rule`, `prompt_lookup_branches` (default 0: off), `adaptive` (default
+  `longspec_stats`, `sampling_rule`, `prompt_lookup_branches` (default 0: off), `prompt_lookup_length`, `adaptive` (default
   False), `cuda_graphs` (default True), `compile_draft` and `compile_target` (default False)); then transformers' own `generate` prepares the generation
   config, logits processors and stopping criteria as usual.
 - `_assisted_decoding`: where transformers would run its assisted loop, runs `longspec_decode` instead
@@ -36,6 +36,7 @@ LONGSPEC_KEYWORDS = (
     "longspec_stats",
     "sampling_rule",
     "prompt_lookup_branches",
+    "prompt_lookup_length",
     "adaptive",
     "cuda_graphs",
     "compile_draft",
@@ -53,6 +54,7 @@ class LongSpecRequest:
     stats: LongSpecStats | None
     sampling_rule: str | None = None
     prompt_lookup_branches: int = 0
+    prompt_lookup_length: int | None = None
     adaptive: bool = False
     cuda_graphs: bool = True
     compile_draft: bool = False
@@ -181,6 +183,14 @@ def generate(self: PreTrainedModel, *args, **kwargs):
     prompt_lookup_branches = kwargs.pop("prompt_lookup_branches", 0)
     if isinstance(prompt_lookup_branches, bool) or not isinstance(prompt_lookup_branches, int) or prompt_lookup_branches < 0:
         raise ValueError(f"prompt_lookup_branches must be a non-negative integer, got {prompt_lookup_branches!r}")
+    prompt_lookup_length = kwargs.pop("prompt_lookup_length", None)
+    if prompt_lookup_length is not None:
+        if isinstance(prompt_lookup_length, bool) or not isinstance(prompt_lookup_length, int) or prompt_lookup_length < 1:
+            raise ValueError(f"prompt_lookup_length must be a positive integer, got {prompt_lookup_length!r}")
+        if prompt_lookup_branches == 0:
+            raise ValueError(
+                "prompt_lookup_length is the length of the prompt-lookup chains: pass prompt_lookup_branches > 0 too."
+            )
     switches = {name: kwargs.pop(name, default) for name, default in SWITCHES.items()}
     for name, value in switches.items():
         if not isinstance(value, bool):
@@ -193,6 +203,7 @@ def generate(self: PreTrainedModel, *args, **kwargs):
         stats,
         sampling_rule,
         prompt_lookup_branches,
+        prompt_lookup_length,
         **switches,
     )
     token = _current_request.set(request)
@@ -223,6 +234,7 @@ def _assisted_decoding(self: PreTrainedModel, input_ids, *args, **kwargs):
         stats=request.stats,
         sampling_rule=request.sampling_rule,
         prompt_lookup_branches=request.prompt_lookup_branches,
+        prompt_lookup_length=request.prompt_lookup_length,
         adaptive=request.adaptive,
         cuda_graphs=request.cuda_graphs,
         compile_draft=request.compile_draft,
