@@ -10,8 +10,8 @@ Methods (all greedy, batch 1, the same `max_new_tokens`):
 - `longspec_tree`: LongSpec with the draft's default tree.
 - `longspec_hybrid`: the default tree plus two prompt-lookup chains (`prompt_lookup_branches=2`).
 - `longspec_hybrid_adaptive`: the hybrid tree, each round planned from measured costs (`adaptive=True`).
-- `longspec_hybrid_long` / `longspec_hybrid_xlong`: the hybrid tree with chains of 12 / 16 tokens
-  (`prompt_lookup_length`; the default is the draft's depth + 2, 7 for the default tree).
+- `longspec_hybrid_short` / `longspec_hybrid_long`: the hybrid tree with chains of 7 / 12 tokens
+  (`prompt_lookup_length`; the default is 16).
 
 `longspec_*_eager` variants run the same loop without CUDA graphs (`cuda_graphs=False`), which shows
 what the graphs save. Every LongSpec method but the eager ones uses them on a CUDA target.
@@ -60,8 +60,8 @@ COMPILED_METHODS = (
     "longspec_tree_compiled_all",
     "longspec_hybrid_compiled_all",
     "longspec_hybrid_adaptive_compiled_all",
+    "longspec_hybrid_short_compiled_all",
     "longspec_hybrid_long_compiled_all",
-    "longspec_hybrid_xlong_compiled_all",
 )
 
 
@@ -81,8 +81,8 @@ def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
         "longspec_tree": {"assistant_model": draft},
         "longspec_hybrid": {"assistant_model": draft, "prompt_lookup_branches": 2},
         "longspec_hybrid_adaptive": {"assistant_model": draft, "prompt_lookup_branches": 2, "adaptive": True},
+        "longspec_hybrid_short": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_length": 7},
         "longspec_hybrid_long": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_length": 12},
-        "longspec_hybrid_xlong": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_length": 16},
     }[name]
 
 

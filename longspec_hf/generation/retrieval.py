@@ -27,13 +27,17 @@ CANDIDATES_PER_BRANCH = 4
 _KEY_BASE = 1 << 32
 
 
-def branch_length(num_draft_levels: int) -> int:
-    """Tokens per retrieval chain: two past the draft tree's depth (at least 4).
+# Default tokens per retrieval chain. A verbatim repeat tends to go on for many tokens and a round can
+# gain at most one token past its longest chain: on held-out code with SmolLM2, chains of 7 / 12 / 16
+# tokens gave 7.2 / 10.2 / 12.5 tokens per round at 4k (BENCHMARKS.md), while each chain node costs the
+# verify forward only about as much as one more draft tree node.
+DEFAULT_BRANCH_LENGTH = 16
 
-    A verbatim repeat tends to go on for many tokens, so a chain a little deeper than the draft tree
-    can gain more than the tree at no extra target forward; its cost is `length` tree nodes per branch.
-    """
-    return max(4, num_draft_levels + 2)
+
+def branch_length(num_draft_levels: int) -> int:
+    """Default tokens per retrieval chain: `DEFAULT_BRANCH_LENGTH`, or two past the draft tree's depth for
+    deeper trees."""
+    return max(DEFAULT_BRANCH_LENGTH, num_draft_levels + 2)
 
 
 class NgramIndex:
