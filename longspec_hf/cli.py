@@ -75,6 +75,9 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="also compile the draft and the target's verify forward (CUDA; the warm-up compiles for "
+                        "tens of seconds; bf16 outputs then follow the compiled target's rounding)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -99,14 +102,19 @@ def _run_demo(args: argparse.Namespace) -> int:
     context = args.context or (4096 if on_cuda else 1024)
     ids = tokenizer(text, return_tensors="pt").input_ids[:, -context:].to(device)
     # The hybrid tree: the draft's tree plus prompt-lookup chains (long prompts repeat themselves). On a
-    # CPU, verification cost grows with every tree node: a short chain and one lookup chain, with each
-    # round planned from measured costs (`adaptive`), are the better trade there.
+    # CPU, verification cost grows with every tree node: a short chain and one short lookup chain, with
+    # each round planned from measured costs (`adaptive`), are the better trade there.
     if on_cuda:
         longspec = dict(assistant_model=draft, prompt_lookup_branches=2)
         described = "the draft's tree + 2 lookup chains"
+        if args.compile:
+            longspec.update(compile_draft=True, compile_target=True)
+            described += ", compiled"
     else:
-        longspec = dict(assistant_model=draft, tree_widths=[1, 1, 1], prompt_lookup_branches=1, adaptive=True)
-        described = "chain [1, 1, 1] + 1 lookup chain, adaptive"
+        longspec = dict(
+            assistant_model=draft, tree_widths=[1, 1, 1], prompt_lookup_branches=1, prompt_lookup_length=5, adaptive=True
+        )
+        described = "chain [1, 1, 1] + 1 lookup chain of 5 tokens, adaptive"
     print(f"SmolLM2-135M-Instruct on {device} ({str(dtype).removeprefix('torch.')}), prompt {ids.shape[1]} tokens, "
           f"{args.max_new_tokens} new tokens, {described}")
 

@@ -41,3 +41,16 @@ def test_random_draft_gives_the_same_64_tokens_on_a_1000_token_prompt(smollm2):
     assert output.shape == (1, 1064)
     assert torch.equal(reference, output)
     assert stats.rounds > 0
+
+
+def test_demo_command_on_cpu(tmp_path, monkeypatch, capsys):
+    """`longspec demo` as a new user runs it: dequantizes into the user's cache (here a temporary one),
+    runs both calls and reports identical outputs (CPU, fp32)."""
+    from longspec_hf import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cli.main(["demo", "--device", "cpu", "--context", "300", "--max-new-tokens", "24"]) == 0
+    printed = capsys.readouterr().out
+    assert (tmp_path / "longspec_hf" / "smollm2-135m-instruct" / "model.safetensors").exists()
+    assert "prompt 300 tokens" in printed
+    assert "identical outputs:         True" in printed
