@@ -65,6 +65,8 @@ def test_unsupported_architecture_names_the_supported_ones():
         (dict(tree_widths=3), "tree_widths"),
         (dict(compile_draft="yes"), "compile_draft"),
         (dict(compile_target=1), "compile_target"),
+        (dict(compile_target=True, cuda_graphs=False), "compile_target"),
+        (dict(compile_draft=True, cuda_graphs=False), "compile_draft"),
         (dict(adaptive=None), "adaptive"),
     ],
 )

@@ -195,6 +195,12 @@ def generate(self: PreTrainedModel, *args, **kwargs):
     for name, value in switches.items():
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
+    for name in ("compile_draft", "compile_target"):
+        if switches[name] and not switches["cuda_graphs"]:
+            raise ValueError(
+                f"{name}=True compiles the fixed-shape steps that cuda_graphs=True runs; with cuda_graphs=False "
+                "the loop runs eagerly. Drop one of the two."
+            )
     generation_config = bound.arguments.get("generation_config")
     check_draft_matches_target(self, draft)
     _check_generation_arguments(self, generation_config, kwargs)
