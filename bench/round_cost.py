@@ -48,6 +48,9 @@ METHODS = {
     "no_draft_compiled_all": dict(tree_widths=[], compile_target=True),
     "tree_compiled_all": dict(compile_draft=True, compile_target=True),
     "hybrid_compiled_all": dict(prompt_lookup_branches=2, compile_draft=True, compile_target=True),
+    "hybrid_leaf_compiled_all": dict(
+        prompt_lookup_branches=2, prompt_lookup_under_draft=True, compile_draft=True, compile_target=True
+    ),
 }
 
 

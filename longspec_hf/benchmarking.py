@@ -12,6 +12,8 @@ Methods (all greedy, batch 1, the same `max_new_tokens`):
 - `longspec_hybrid_adaptive`: the hybrid tree, each round planned from measured costs (`adaptive=True`).
 - `longspec_hybrid_short` / `longspec_hybrid_long`: the hybrid tree with chains of 7 / 12 tokens
   (`prompt_lookup_length`; the default is 16).
+- `longspec_hybrid_leaf`: the hybrid tree plus a chain under the draft's best deepest node
+  (`prompt_lookup_under_draft=True`).
 
 `longspec_*_eager` variants run the same loop without CUDA graphs (`cuda_graphs=False`), which shows
 what the graphs save. Every LongSpec method but the eager ones uses them on a CUDA target.
@@ -62,6 +64,7 @@ COMPILED_METHODS = (
     "longspec_hybrid_adaptive_compiled_all",
     "longspec_hybrid_short_compiled_all",
     "longspec_hybrid_long_compiled_all",
+    "longspec_hybrid_leaf_compiled_all",
 )
 
 
@@ -83,6 +86,7 @@ def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
         "longspec_hybrid_adaptive": {"assistant_model": draft, "prompt_lookup_branches": 2, "adaptive": True},
         "longspec_hybrid_short": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_length": 7},
         "longspec_hybrid_long": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_length": 12},
+        "longspec_hybrid_leaf": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_under_draft": True},
     }[name]
 
 

@@ -163,6 +163,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-lookup-branches", type=int, default=None,
                         help="prompt-lookup chains hung beside the draft's tree (default: none)")
     parser.add_argument("--prompt-lookup-length", type=int, default=None, help="tokens per prompt-lookup chain")
+    parser.add_argument("--prompt-lookup-under-draft", action="store_true",
+                        help="one more lookup chain under the draft's best deepest node (greedy)")
     parser.add_argument("--compile-target", action="store_true",
                         help="run the target's verify forward through torch.compile (CUDA; compiles for a few seconds first)")
 
@@ -186,7 +188,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         options.update(assistant_model=_load_draft(args.draft, device, dtype), longspec_stats=stats)
         if args.tree_widths is not None:
             options["tree_widths"] = args.tree_widths
-        for switch in ("compile_draft", "compile_target"):
+        for switch in ("compile_draft", "compile_target", "prompt_lookup_under_draft"):
             if getattr(args, switch):
                 options[switch] = True
         for name in ("prompt_lookup_branches", "prompt_lookup_length"):

@@ -10,7 +10,13 @@ import torch
 from longspec_hf import LongSpecStats
 from longspec_hf.generation import adaptive
 from longspec_hf.generation.adaptive import Plan, PlanCosts, RoundPlanner, RowOutcome
-from longspec_hf.generation.retrieval import CANDIDATES_PER_BRANCH, NgramIndex, find_continuations
+from longspec_hf.generation.retrieval import (
+    CANDIDATES_PER_BRANCH,
+    NgramIndex,
+    best_leaf_suffix,
+    find_continuations,
+    latest_continuation,
+)
 from longspec_hf.generation.tree import ChainLayout, DraftTree, accept_greedy
 
 from .conftest import make_draft, make_target
@@ -100,6 +106,78 @@ def test_chains_join_the_tree_level_by_level():
     assert acceptance.new_tokens.tolist() == [[30, 31, 32, 7], [12, 21, 8, 8]]
 
 
+def test_leaf_chain_hangs_under_each_rows_best_deepest_node():
+    """A leaf chain continues the path of the draft's most likely deepest node (a different node per row):
+    right parents, depths and ancestors, and acceptance can run along the draft path into the chain."""
+    tree = DraftTree.root_only(torch.tensor([3, 4]))
+    level_one_scores = torch.tensor([[-1.0, -2.0]] * 2)
+    tree.add_level(torch.tensor([[10, 11], [12, 13]]), torch.zeros(2, 2, dtype=torch.long), level_one_scores)
+    # Row 0's best leaf is node 4 (under 2), row 1's is node 3 (under 1).
+    level_two_scores = torch.tensor([[-3.0, -2.5], [-2.0, -4.0]])
+    tree.add_level(torch.tensor([[20, 21], [22, 23]]), torch.tensor([[1, 2], [1, 2]]), level_two_scores)
+    leaf, suffix = best_leaf_suffix(tree, ngram=3)
+    assert leaf.tolist() == [4, 3]
+    assert suffix.tolist() == [[3, 11, 21], [4, 12, 22]]
+    layout = ChainLayout.build(tree.level_sizes, num_chains=1, length=2, device=torch.device("cpu"), leaf_length=3)
+    leaf_chain = torch.tensor([[50, 51, 52], [60, 61, 62]])
+    merged = layout.merge(tree, torch.tensor([[[30, 31]], [[40, 41]]]), leaf, leaf_chain)
+    assert merged.level_sizes == [3, 3, 1, 1, 1]
+    assert merged.tokens.tolist() == [[3, 10, 11, 30, 20, 21, 31, 50, 51, 52], [4, 12, 13, 40, 22, 23, 41, 60, 61, 62]]
+    assert merged.retrieval[0].tolist() == [False, False, False, True, False, False, True, True, True, True]
+    for row, merged_leaf in ((0, 5), (1, 4)):
+        assert int(merged.parents[row, 7]) == merged_leaf
+        for node in range(1, merged.num_nodes):
+            path, walker = [], node
+            while walker != 0:
+                path.append(walker)
+                walker = int(merged.parents[row, walker])
+            assert merged.depths[node] == len(path)
+            assert sorted(merged.ancestors[row, node].nonzero()[:, 0].tolist()) == sorted(path + [0])
+    # Row 0: the target agrees with 11, 21, then the chain 50, 51 and picks 9 after 51.
+    choice = torch.zeros(2, merged.num_nodes, dtype=torch.long)
+    choice[0, [0, 2, 5, 7, 8]] = torch.tensor([11, 21, 50, 51, 9])
+    acceptance = accept_greedy(merged, choice)
+    assert acceptance.num_accepted.tolist() == [4, 0]
+    assert acceptance.new_tokens[0, :5].tolist() == [11, 21, 50, 51, 9]
+    with pytest.raises(ValueError, match="leaf chain"):
+        layout.merge(tree, torch.tensor([[[30, 31]], [[40, 41]]]))
+
+
+def test_latest_continuation_on_the_device_matches_a_brute_force_search():
+    """`latest_continuation` (fixed shapes, for the verify graph): the longest matched tail of the suffix,
+    then the latest occurrence, followed by at least one token; slots before a row's padding end and
+    from its length on hold other tokens and are never matched nor returned."""
+    rng = random.Random("device-lookup")
+    for case in range(200):
+        rows = [[rng.randrange(5) for _ in range(rng.randrange(1, 30))] for _ in range(3)]
+        pad_start = torch.tensor([rng.randrange(4) for _ in rows])
+        seq_len = pad_start + torch.tensor([len(r) for r in rows])
+        tokens = torch.randint(0, 5, (3, int(seq_len.max()) + rng.randrange(3)))
+        for b, row in enumerate(rows):
+            tokens[b, int(pad_start[b]) : int(seq_len[b])] = torch.tensor(row)
+        suffix = torch.tensor([[rng.randrange(5) for _ in range(3)] for _ in rows])
+        length = rng.choice([1, 4])
+        chain, found = latest_continuation(tokens, seq_len, pad_start, suffix, length, filler=-7)
+        for b, row in enumerate(rows):
+            got = [t for t, f in zip(chain[b].tolist(), found[b].tolist()) if f]
+            assert got == _latest_continuation_reference(row, suffix[b].tolist(), length), (case, b)
+            assert found[b].tolist() == sorted(found[b].tolist(), reverse=True)  # a prefix is real
+            assert all(t == -7 for t, f in zip(chain[b].tolist(), found[b].tolist()) if not f)
+
+
+def _latest_continuation_reference(row: list[int], suffix: list[int], length: int) -> list[int]:
+    """Brute force: among end positions e < len(row) - 1, the longest tail of `suffix` ending at e, then
+    the latest e; the tokens after it (at most `length`, within the row)."""
+    best = None
+    for end in range(len(row) - 1):
+        matched = 0
+        while matched < len(suffix) and end - matched >= 0 and row[end - matched] == suffix[-1 - matched]:
+            matched += 1
+        if matched and (best is None or (matched, end) >= best):
+            best = (matched, end)
+    return [] if best is None else row[best[1] + 1 : best[1] + 1 + length]
+
+
 def repetitive_batch(rng: random.Random, vocab_size: int, batch_size: int, max_len: int):
     """Left-padded prompts made of a short random pattern repeated with a few random edits."""
     rows = []
@@ -115,6 +193,20 @@ def repetitive_batch(rng: random.Random, vocab_size: int, batch_size: int, max_l
     return ids, mask
 
 
+def repetitive_case(rng: random.Random, target, new_token_choices: list[int], with_eos: bool):
+    """A repetitive left-padded batch, its greedy generate() keywords (with an EOS the plain output
+    reaches when `with_eos` and one exists) and the plain output."""
+    ids, mask = repetitive_batch(rng, target.config.vocab_size, rng.choice([1, 2, 3]), rng.randrange(2, 40))
+    kwargs = dict(attention_mask=mask, max_new_tokens=rng.choice(new_token_choices), do_sample=False)
+    reference = target.generate(ids, **kwargs)
+    if with_eos:
+        eos = eos_inside_generation(reference, ids.shape[1], rng)
+        if eos:
+            kwargs["eos_token_id"] = eos if len(eos) > 1 else eos[0]
+            reference = target.generate(ids, **kwargs)
+    return ids, kwargs, reference
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_random_cases_with_prompt_lookup_match_plain_generate(arch):
     rng = random.Random(f"retrieval-{arch}")
@@ -123,15 +215,8 @@ def test_random_cases_with_prompt_lookup_match_plain_generate(arch):
     mismatches = []
     cases = 60
     for case in range(cases):
-        ids, mask = repetitive_batch(rng, target.config.vocab_size, rng.choice([1, 2, 3]), rng.randrange(2, 40))
-        max_new_tokens = rng.choice([1, 3, 17, 60, 120])
-        kwargs = dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
-        reference = target.generate(ids, **kwargs)
-        if case % 3 == 0:
-            eos = eos_inside_generation(reference, ids.shape[1], rng)
-            if eos:
-                kwargs["eos_token_id"] = eos if len(eos) > 1 else eos[0]
-                reference = target.generate(ids, **kwargs)
+        ids, kwargs, reference = repetitive_case(rng, target, [1, 3, 17, 60, 120], with_eos=case % 3 == 0)
+        max_new_tokens = kwargs["max_new_tokens"]
         widths = rng.choice(TREE_SHAPES)
         branches = rng.choice([1, 2, 4])
         adaptive = rng.random() < 0.3
@@ -169,6 +254,28 @@ def test_chains_of_any_length_match_plain_generate():
     # A round gains at most one token past its longest chain or tree path, and long chains do get used.
     assert all(most <= max(length, 3) + 1 for length, most in gained)
     assert max(most for length, most in gained if length >= 12) > 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_chains_under_the_draft_match_plain_generate(arch):
+    """`prompt_lookup_under_draft=True`: one more chain under the draft's best deepest node, looked up on
+    the device each round (random trees, batches with padding, EOS inside rounds, adaptive plans)."""
+    rng = random.Random(f"under-draft-{arch}")
+    target = make_target(arch, seed=rng.randrange(1000))
+    draft = make_draft(target, seed=3, sliding_window=8)
+    mismatches = []
+    for case in range(24):
+        ids, kwargs, reference = repetitive_case(rng, target, [1, 17, 60], with_eos=case % 3 == 0)
+        options = dict(
+            tree_widths=rng.choice([[4, 16, 16, 16, 16], [2, 3], [1, 1, 1], [3]]),
+            prompt_lookup_branches=rng.choice([1, 2]),
+            prompt_lookup_length=rng.choice([None, 3, 9]),
+            adaptive=rng.random() < 0.3,
+        )
+        output = target.generate(ids, assistant_model=draft, prompt_lookup_under_draft=True, **options, **kwargs)
+        if not torch.equal(reference, output):
+            mismatches.append((case, options))
+    assert not mismatches
 
 
 def test_prompt_lookup_raises_acceptance_with_a_random_draft():
@@ -310,6 +417,8 @@ def test_adaptive_mode_output_and_stats(llama_pair):
         dict(adaptive=1),
         dict(prompt_lookup_branches=1, prompt_lookup_length=0),
         dict(prompt_lookup_length=8),
+        dict(prompt_lookup_under_draft=True),
+        dict(prompt_lookup_branches=1, do_sample=True, prompt_lookup_under_draft=True),
     ],
 )
 def test_bad_lookup_arguments_are_refused(llama_pair, bad):

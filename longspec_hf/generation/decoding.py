@@ -112,6 +112,7 @@ def longspec_decode(
     sampling_rule: str | None = None,
     prompt_lookup_branches: int = 0,
     prompt_lookup_length: int | None = None,
+    prompt_lookup_under_draft: bool = False,
     adaptive: bool = False,
     cuda_graphs: bool = True,
     compile_draft: bool = False,
@@ -125,7 +126,9 @@ def longspec_decode(
     `prompt_lookup_branches=K` adds K chains of `prompt_lookup_length` tokens (default
     `branch_length(len(tree_widths))`) continuing the row's suffix where it occurred before
     (`retrieval.py`): the tree then has `1 + sum(tree_widths) + K * prompt_lookup_length` nodes, dummies
-    included, in every round. `adaptive` plans
+    included, in every round. `prompt_lookup_under_draft` (greedy) adds one more such chain under the
+    draft's most likely deepest node, continuing its path where the path's tail last occurred (found on
+    the device, inside the verify step). `adaptive` plans
     each round instead: how many of the tree's levels to draft (none: plain decoding) and whether to
     hang the chains, whichever gives the most tokens per second measured so far (`adaptive.py`).
     `cuda_graphs` replays the verify forward and the greedy draft from CUDA graphs on a CUDA target
@@ -175,8 +178,11 @@ def longspec_decode(
     chain_length = 0
     if prompt_lookup_branches > 0:
         chain_length = prompt_lookup_length or branch_length(len(tree_widths))
-    num_tree_nodes = 1 + sum(tree_widths) + prompt_lookup_branches * chain_length
-    max_depth = max(len(tree_widths), chain_length)
+    if prompt_lookup_under_draft and do_sample:
+        raise ValueError("prompt_lookup_under_draft=True is for greedy decoding (do_sample=False).")
+    leaf_length = chain_length if prompt_lookup_under_draft and tree_widths else 0
+    num_tree_nodes = 1 + sum(tree_widths) + prompt_lookup_branches * chain_length + leaf_length
+    max_depth = max(len(tree_widths) + leaf_length, chain_length)
     # Finished rows keep riding along in the batch: leave room for one more path past the last token.
     capacity = prompt_len + max_new_tokens + 2 * (max_depth + 1)
     # Off CUDA the same fixed-shape steps run eagerly (GraphedCall(capture=False)).
@@ -311,7 +317,11 @@ def longspec_decode(
                 shape = tuple(tree.level_sizes)  # the draft's tree, or the root alone (adaptive)
                 if shape not in chain_layouts:
                     chain_layouts[shape] = ChainLayout.build(
-                        tree.level_sizes, prompt_lookup_branches, chain_length, device
+                        tree.level_sizes,
+                        prompt_lookup_branches,
+                        chain_length,
+                        device,
+                        leaf_length=leaf_length if tree.level_sizes else 0,
                     )
                 layout = chain_layouts[shape]
                 chains = _to_device(proposals, device)
@@ -323,7 +333,7 @@ def longspec_decode(
                 tree = dataclasses.replace(verified, draft_log_probs=list(tree.draft_log_probs))
             else:
                 tree, logits, acceptance = merge_positions_verify(
-                    target, cache, seq_len, pad_start, tree, chains, layout, accept=False
+                    target, cache, seq_len, pad_start, tree, chains, layout, accept=False, tokens=tokens
                 )
             scores = None
             if acceptance is None or output.scores is not None:

@@ -4,9 +4,10 @@ Two class-level wrappers on `GenerationMixin`, installed once by `install()`:
 
 - `generate`: when the assistant is a [`LongSpecDraftModel`], checks the target, the draft and the
   generation arguments before any forward pass and takes the LongSpec-only keywords (`tree_widths`,
-  `longspec_stats`, `sampling_rule`, `prompt_lookup_branches` (default 0: off), `prompt_lookup_length`, `adaptive` (default
-  False), `cuda_graphs` (default True), `compile_draft` and `compile_target` (default False)); then transformers' own `generate` prepares the generation
-  config, logits processors and stopping criteria as usual.
+  `longspec_stats`, `sampling_rule`, `prompt_lookup_branches` (default 0: off), `prompt_lookup_length`,
+  `prompt_lookup_under_draft`, `adaptive`, `cuda_graphs`, `compile_draft`, `compile_target`; defaults
+  in `SWITCHES`); then transformers' own `generate` prepares the generation config, logits processors
+  and stopping criteria as usual.
 - `_assisted_decoding`: where transformers would run its assisted loop, runs `longspec_decode` instead
   for a LongSpec draft.
 
@@ -37,13 +38,20 @@ LONGSPEC_KEYWORDS = (
     "sampling_rule",
     "prompt_lookup_branches",
     "prompt_lookup_length",
+    "prompt_lookup_under_draft",
     "adaptive",
     "cuda_graphs",
     "compile_draft",
     "compile_target",
 )
 # The True/False keywords among them, with their defaults.
-SWITCHES = {"adaptive": False, "cuda_graphs": True, "compile_draft": False, "compile_target": False}
+SWITCHES = {
+    "prompt_lookup_under_draft": False,
+    "adaptive": False,
+    "cuda_graphs": True,
+    "compile_draft": False,
+    "compile_target": False,
+}
 
 
 @dataclass
@@ -55,6 +63,7 @@ class LongSpecRequest:
     sampling_rule: str | None = None
     prompt_lookup_branches: int = 0
     prompt_lookup_length: int | None = None
+    prompt_lookup_under_draft: bool = False
     adaptive: bool = False
     cuda_graphs: bool = True
     compile_draft: bool = False
@@ -195,6 +204,10 @@ def generate(self: PreTrainedModel, *args, **kwargs):
     for name, value in switches.items():
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
+    if switches["prompt_lookup_under_draft"] and prompt_lookup_branches == 0:
+        raise ValueError(
+            "prompt_lookup_under_draft=True adds a lookup chain under the draft: pass prompt_lookup_branches > 0 too."
+        )
     for name in ("compile_draft", "compile_target"):
         if switches[name] and not switches["cuda_graphs"]:
             raise ValueError(
@@ -241,6 +254,7 @@ def _assisted_decoding(self: PreTrainedModel, input_ids, *args, **kwargs):
         sampling_rule=request.sampling_rule,
         prompt_lookup_branches=request.prompt_lookup_branches,
         prompt_lookup_length=request.prompt_lookup_length,
+        prompt_lookup_under_draft=request.prompt_lookup_under_draft,
         adaptive=request.adaptive,
         cuda_graphs=request.cuda_graphs,
         compile_draft=request.compile_draft,

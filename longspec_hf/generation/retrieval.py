@@ -19,6 +19,8 @@ from array import array
 
 import torch
 
+from .tree import DraftTree
+
 # Suffix lengths tried, longest first (transformers' prompt lookup uses up to 3-gram suffixes too).
 DEFAULT_MAX_NGRAM = 3
 # How many candidate match positions are looked at per row before picking distinct continuations.
@@ -173,3 +175,65 @@ def chain_match(chains: list[list[int]], emitted: list[int]) -> int:
             count += 1
         best = max(best, count)
     return best
+
+
+def best_leaf_suffix(tree: DraftTree, ngram: int = DEFAULT_MAX_NGRAM) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draft's most likely node of its deepest level, per row, and the last tokens of its path.
+
+    Returns:
+        `(leaf, suffix)`: `(B,)` node indices and `(B, n)` the tokens at depths `D - n + 1 .. D` of the
+        leaf's path (`n = min(ngram, D + 1)`, the root counting as depth 0).
+    """
+    depth = tree.max_depth
+    level = tree.level_slice(depth)
+    leaf = level.start + tree.log_probs[:, level].argmax(dim=1)
+    on_path = tree.ancestors.gather(1, leaf[:, None, None].expand(-1, 1, tree.num_nodes))[:, 0]
+    suffix = [
+        torch.where(on_path & (tree.depths == d)[None, :], tree.tokens, 0).sum(dim=1)
+        for d in range(max(0, depth - ngram + 1), depth + 1)
+    ]
+    return leaf, torch.stack(suffix, dim=1)
+
+
+def latest_continuation(
+    tokens: torch.Tensor,
+    seq_len: torch.Tensor,
+    pad_start: torch.Tensor,
+    suffix: torch.Tensor,
+    length: int,
+    filler: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What followed `suffix` where its longest tail last occurred in each row's text, on the device.
+
+    The device counterpart of [`NgramIndex.continuations`] for one continuation of a suffix that is not
+    on the host (it ends in draft tokens): every position of the token buffer is compared at once, with
+    fixed shapes and no wait for the device, so it runs inside the verify graph.
+
+    Args:
+        tokens: `(B, S)` token buffer; row `b` is `tokens[b, pad_start[b]:seq_len[b]]`.
+        seq_len, pad_start: `(B,)` row lengths and left padding.
+        suffix: `(B, n)` the tokens to match, last one last.
+        length: tokens per continuation (L).
+        filler: token of the places where no continuation was found.
+
+    Returns:
+        `(chain, found)`, both `(B, L)`: the continuation (occurrences whose matched tail is longest win,
+        then the latest one; it must be followed by at least one token), and which entries are real.
+    """
+    batch, size = tokens.shape
+    ends = torch.arange(size, device=tokens.device)
+    matching = torch.ones(batch, size, dtype=torch.bool, device=tokens.device)
+    match_length = torch.zeros(batch, size, dtype=torch.long, device=tokens.device)
+    for back in range(suffix.shape[1]):
+        # Column e holds tokens[e - back]; it must be a token of the row.
+        earlier = torch.cat([tokens.new_full((batch, back), -1), tokens[:, : size - back]], dim=1)
+        in_text = (ends - back)[None, :] >= pad_start[:, None]
+        matching = matching & in_text & (earlier == suffix[:, -1 - back, None])
+        match_length += matching
+    followed = ends[None, :] < (seq_len - 1)[:, None]
+    score = torch.where(followed & (match_length > 0), match_length * size + ends[None, :], -1)
+    best_score, best_end = score.max(dim=1)
+    positions = best_end[:, None] + 1 + torch.arange(length, device=tokens.device)[None, :]
+    found = (best_score >= 0)[:, None] & (positions < seq_len[:, None])
+    chain = tokens.gather(1, positions.clamp(max=size - 1))
+    return torch.where(found, chain, filler), found

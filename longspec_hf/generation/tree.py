@@ -111,18 +111,24 @@ class ChainLayout:
     by). The layout depends only on the shapes: built once per `generate` call, merging a round's
     tree and chains is a handful of indexed copies with no host work, so it can run inside a CUDA graph.
 
+    With `leaf_length > 0` one more chain hangs under a draft node of the deepest level (which node
+    differs per row: `merge` takes it), continuing that node's path where it occurred before.
+
     Attributes:
         draft_index: `(1 + N,)` merged index of each draft node (the root stays 0).
         chain_index: `(K, L)` merged index of each chain node.
+        leaf_index: `(leaf_length,)` merged index of each node of the chain under the draft leaf.
         parents, depths, retrieval: `(M,)` of the merged tree; `parents` is right for chain nodes only
-            (draft nodes' parents differ per row and are mapped in `merge`).
-        ancestors: `(M, M)` ancestor mask of the chain nodes; rows of draft nodes are filled in `merge`.
+            (draft nodes' parents and the leaf chain's first parent differ per row: set in `merge`).
+        ancestors: `(M, M)` ancestor mask of the chain nodes (the leaf chain's without the leaf's own
+            path, added per row in `merge`); rows of draft nodes are filled in `merge`.
         level_sizes: the merged tree's level sizes.
         draft_level_sizes: the level sizes of the draft trees it merges.
     """
 
     draft_index: torch.Tensor
     chain_index: torch.Tensor
+    leaf_index: torch.Tensor
     parents: torch.Tensor
     depths: torch.Tensor
     retrieval: torch.Tensor
@@ -131,13 +137,24 @@ class ChainLayout:
     draft_level_sizes: list[int]
 
     @classmethod
-    def build(cls, draft_level_sizes: list[int], num_chains: int, length: int, device: torch.device) -> "ChainLayout":
+    def build(
+        cls,
+        draft_level_sizes: list[int],
+        num_chains: int,
+        length: int,
+        device: torch.device,
+        leaf_length: int = 0,
+    ) -> "ChainLayout":
+        draft_depth = len(draft_level_sizes)
+        if leaf_length and not draft_depth:
+            raise ValueError("a chain under the draft's leaf needs a draft tree")
         draft_index = [0]
         chain_index = [[0] * length for _ in range(num_chains)]
+        leaf_index: list[int] = []
         parents, depths, retrieval, level_sizes = [0], [0], [False], []
-        for level in range(1, max(len(draft_level_sizes), length) + 1):
+        for level in range(1, max(draft_depth + leaf_length, length) + 1):
             size = 0
-            if level <= len(draft_level_sizes):
+            if level <= draft_depth:
                 for _ in range(draft_level_sizes[level - 1]):
                     draft_index.append(len(parents))
                     parents.append(0)  # per row, set in merge
@@ -151,6 +168,13 @@ class ChainLayout:
                     depths.append(level)
                     retrieval.append(True)
                 size += num_chains
+            if draft_depth < level <= draft_depth + leaf_length:
+                # The first node's parent is the row's leaf (set in merge); the root stands in for it here.
+                parents.append(leaf_index[-1] if leaf_index else 0)
+                leaf_index.append(len(parents) - 1)
+                depths.append(level)
+                retrieval.append(True)
+                size += 1
             level_sizes.append(size)
         ancestors = torch.zeros(len(parents), len(parents), dtype=torch.bool)
         ancestors[0, 0] = True
@@ -162,6 +186,7 @@ class ChainLayout:
         return cls(
             draft_index=as_long(draft_index),
             chain_index=as_long(chain_index).reshape(num_chains, length),
+            leaf_index=as_long(leaf_index),
             parents=as_long(parents),
             depths=as_long(depths),
             retrieval=torch.tensor(retrieval, device=device),
@@ -175,12 +200,27 @@ class ChainLayout:
         """Nodes of the merged tree, root included."""
         return self.parents.shape[0]
 
-    def merge(self, tree: DraftTree, chains: torch.Tensor) -> DraftTree:
-        """The merged tree of `tree` (a draft tree of `draft_level_sizes`) and `chains` `(B, K, L)`."""
+    @property
+    def leaf_length(self) -> int:
+        """Nodes of the chain under the draft's leaf (0: none)."""
+        return self.leaf_index.shape[0]
+
+    def merge(
+        self,
+        tree: DraftTree,
+        chains: torch.Tensor,
+        leaf: torch.Tensor | None = None,
+        leaf_chain: torch.Tensor | None = None,
+    ) -> DraftTree:
+        """The merged tree of `tree` (a draft tree of `draft_level_sizes`) and `chains` `(B, K, L)`; with a
+        leaf chain, also `leaf` `(B,)` (each row's draft node it hangs under) and `leaf_chain`
+        `(B, leaf_length)` (its tokens)."""
         if tree.retrieval is not None:
             raise ValueError("add_chains is applied once per tree")
         if tree.level_sizes != self.draft_level_sizes:
             raise ValueError(f"tree levels {tree.level_sizes} do not match the layout's {self.draft_level_sizes}")
+        if (leaf_chain is not None) != bool(self.leaf_length):
+            raise ValueError(f"the layout's leaf chain has {self.leaf_length} nodes: pass leaf and leaf_chain to match")
         batch, num_nodes = tree.tokens.shape[0], self.num_nodes
         draft = self.draft_index
         tokens = tree.tokens.new_empty(batch, num_nodes)
@@ -192,6 +232,13 @@ class ChainLayout:
         log_probs[:, draft] = tree.log_probs
         ancestors = self.ancestors.expand(batch, -1, -1).clone()
         ancestors[:, draft[:, None], draft[None, :]] = tree.ancestors
+        if leaf_chain is not None:
+            merged_leaf = draft[leaf]
+            tokens[:, self.leaf_index] = leaf_chain.to(tokens.dtype)
+            parents[:, self.leaf_index[0]] = merged_leaf
+            # Every node of the leaf chain also sees the leaf's path.
+            leaf_path = ancestors.gather(1, merged_leaf[:, None, None].expand(-1, 1, num_nodes))
+            ancestors[:, self.leaf_index] |= leaf_path
         return DraftTree(
             tokens=tokens,
             parents=parents,

@@ -15,6 +15,7 @@ from ..modeling import cache_keyword
 from .attention import LongSpecAttentionInputs
 from .cache import LongSpecCache
 from .cuda_graphs import GraphedCall, StaticInputs
+from .retrieval import best_leaf_suffix, latest_continuation
 from .tree import ChainLayout, DraftTree, GreedyAcceptance, accept_greedy
 
 
@@ -28,15 +29,22 @@ def merge_positions_verify(
     layout: ChainLayout | None,
     accept: bool,
     forward: Callable[..., Any] | None = None,
+    tokens: torch.Tensor | None = None,
 ) -> tuple[DraftTree, torch.Tensor, GreedyAcceptance | None]:
     """Hang the prompt-lookup `chains` under the root (when given) and run the target over the tree.
 
-    The nodes' K/V land in the cache's tree scratch. Returns the verified tree, the `(B, 1 + N, V)`
-    logits at every node and, when `accept`, the greedy acceptance of the raw logits. `forward` runs
-    the target's forward instead of `target` itself (its compiled version).
+    With a `layout` that has a leaf chain, one more chain continues the path of the draft's most likely
+    deepest node where that path's tail last occurred in the row's text (`tokens`, the `(B, S)` token
+    buffer), found on the device. The nodes' K/V land in the cache's tree scratch. Returns the verified
+    tree, the `(B, 1 + N, V)` logits at every node and, when `accept`, the greedy acceptance of the raw
+    logits. `forward` runs the target's forward instead of `target` itself (its compiled version).
     """
     if chains is not None:
-        tree = layout.merge(tree, chains)
+        leaf = leaf_chain = None
+        if layout.leaf_length:
+            leaf, suffix = best_leaf_suffix(tree)
+            leaf_chain, _ = latest_continuation(tokens, seq_len, pad_start, suffix, layout.leaf_length)
+        tree = layout.merge(tree, chains, leaf, leaf_chain)
     # The root is each row's last token.
     positions = (seq_len - 1 - pad_start)[:, None] + tree.depths[None, :]
     logits = (target if forward is None else forward)(
@@ -61,6 +69,7 @@ class GraphedVerify:
     Args:
         target, cache: the model being decoded and its LongSpec cache.
         seq_len, pad_start: `(B,)` the decoding loop's row lengths and left padding (read in place).
+        tokens: `(B, S)` the decoding loop's token buffer (read in place by leaf chains).
         accept: also run greedy acceptance in the graph (greedy decoding without logits processors).
         capture: capture CUDA graphs (False: run the same steps eagerly).
         compiled: run the target's forward through `torch.compile` (one specialisation per tree shape;
@@ -73,6 +82,7 @@ class GraphedVerify:
         cache: LongSpecCache,
         seq_len: torch.Tensor,
         pad_start: torch.Tensor,
+        tokens: torch.Tensor,
         accept: bool,
         capture: bool = True,
         compiled: bool = False,
@@ -81,6 +91,7 @@ class GraphedVerify:
         self.cache = cache
         self.seq_len = seq_len
         self.pad_start = pad_start
+        self.tokens = tokens
         self.accept = accept
         self.capture = capture
         # Inductor fuses each layer's norms, rotary embedding and residual adds into a few kernels (a
@@ -108,7 +119,11 @@ class GraphedVerify:
         inputs_now = dict(tokens=tree.tokens, parents=tree.parents, depths=tree.depths, ancestors=tree.ancestors)
         if chains is not None:
             inputs_now["chains"] = chains
-        shape = (tree.num_nodes, *tree.level_sizes, None if chains is None else tuple(chains.shape))
+        shape = (
+            tree.num_nodes,
+            *tree.level_sizes,
+            None if chains is None else (tuple(chains.shape), layout.leaf_length),
+        )
         if shape not in self.graphs:
             inputs = StaticInputs(adopt=adopt, **inputs_now)
             static_tree = DraftTree(
@@ -131,6 +146,7 @@ class GraphedVerify:
                     layout,
                     self.accept,
                     self.forward,
+                    self.tokens,
                 ),
                 self.capture,
             )

@@ -140,6 +140,7 @@ class DecodingWorkspace:
             self.cache,
             self.seq_len,
             self.pad_start,
+            self.tokens,
             key.accept_in_graph,
             key.capture,
             compiled=key.compile_target,
