@@ -164,7 +164,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt-lookup chains hung beside the draft's tree (default: none)")
     parser.add_argument("--prompt-lookup-length", type=int, default=None, help="tokens per prompt-lookup chain")
     parser.add_argument("--prompt-lookup-under-draft", action="store_true",
-                        help="one more lookup chain under the draft's best deepest node (greedy)")
+                        help="one more lookup chain under the draft's best deepest node")
     parser.add_argument("--compile-target", action="store_true",
                         help="run the target's verify forward through torch.compile (CUDA; compiles for a few seconds first)")
 

@@ -418,7 +418,6 @@ def test_adaptive_mode_output_and_stats(llama_pair):
         dict(prompt_lookup_branches=1, prompt_lookup_length=0),
         dict(prompt_lookup_length=8),
         dict(prompt_lookup_under_draft=True),
-        dict(prompt_lookup_branches=1, do_sample=True, prompt_lookup_under_draft=True),
     ],
 )
 def test_bad_lookup_arguments_are_refused(llama_pair, bad):

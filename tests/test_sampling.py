@@ -89,13 +89,19 @@ def exact_distribution(target, kwargs: dict, prompt: torch.Tensor = PROMPT) -> t
 
 
 def sampled_distribution(
-    target, draft, kwargs: dict, rule: str, prompt: torch.Tensor = PROMPT, **longspec_kwargs
+    target,
+    draft,
+    kwargs: dict,
+    rule: str,
+    prompt: torch.Tensor = PROMPT,
+    tree_widths: list[int] = TREE_WIDTHS,
+    **longspec_kwargs,
 ) -> torch.Tensor:
     counts = torch.zeros(VOCAB**NEW_TOKENS, dtype=torch.float64)
     prompts = prompt.expand(ROWS_PER_CALL, -1)
     for _ in range(CALLS):
         out = target.generate(
-            prompts, attention_mask=torch.ones_like(prompts), assistant_model=draft, tree_widths=TREE_WIDTHS, sampling_rule=rule,
+            prompts, attention_mask=torch.ones_like(prompts), assistant_model=draft, tree_widths=tree_widths, sampling_rule=rule,
             max_new_tokens=NEW_TOKENS, **kwargs, **longspec_kwargs,
         )
         new = out[:, prompt.shape[1] :]
@@ -170,6 +176,37 @@ def test_sampling_with_prompt_lookup_chains_follows_the_target_distribution(pair
     result = compare(exact, counts)
     assert matches(result), result
     assert stats.mean_retrieval_accepted > 0.02, stats.mean_retrieval_accepted  # the chains were exercised
+
+
+@pytest.mark.parametrize("rule", ["point_mass", "recursive_rejection"])
+def test_sampling_with_a_chain_under_the_draft_follows_the_target_distribution(rule):
+    """`prompt_lookup_under_draft=True`: a chain under the draft's best leaf is a fixed proposal below a
+    drafted node. A target whose next token depends on the current token only (attention and MLP outputs
+    zeroed), a draft that agrees with it and a prompt that is the target's own greedy walk: the draft's
+    node is often accepted and the chain's token after it too, so the third token often comes from it."""
+    target, _ = make_pair()
+    with torch.no_grad():
+        for layer in target.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    draft = make_draft(target, seed=4)
+    with torch.no_grad():
+        for projection in (draft.self_attn.o_proj, draft.cross_attn.o_proj, draft.mlp.down_proj):
+            projection.weight.normal_(std=1e-3)
+    prompt = target.generate(torch.tensor([[5]]), max_new_tokens=15, do_sample=False)
+    kwargs = generation_kwargs("temperature")
+    exact = exact_distribution(target, kwargs, prompt)
+    torch.manual_seed(0)
+    stats = LongSpecStats()
+    # One drafted level and chains of one token: a round gains 3 tokens only through the leaf's chain.
+    counts = sampled_distribution(
+        target, draft, kwargs, rule, prompt, tree_widths=[1], prompt_lookup_branches=1, prompt_lookup_length=1,
+        prompt_lookup_under_draft=True, longspec_stats=stats,
+    )
+    result = compare(exact, counts)
+    assert matches(result), result
+    through_leaf_chain = sum(n == 3 for n in stats.accepted_lengths) / len(stats.accepted_lengths)
+    assert through_leaf_chain > 0.05, through_leaf_chain  # thousands of the 20000 draws
 
 
 def verify_naive_top_k(tree: DraftTree, scores: torch.Tensor) -> GreedyAcceptance:

@@ -126,7 +126,7 @@ def longspec_decode(
     `prompt_lookup_branches=K` adds K chains of `prompt_lookup_length` tokens (default
     `branch_length(len(tree_widths))`) continuing the row's suffix where it occurred before
     (`retrieval.py`): the tree then has `1 + sum(tree_widths) + K * prompt_lookup_length` nodes, dummies
-    included, in every round. `prompt_lookup_under_draft` (greedy) adds one more such chain under the
+    included, in every round. `prompt_lookup_under_draft` adds one more such chain under the
     draft's most likely deepest node, continuing its path where the path's tail last occurred (found on
     the device, inside the verify step). `adaptive` plans
     each round instead: how many of the tree's levels to draft (none: plain decoding) and whether to
@@ -178,8 +178,6 @@ def longspec_decode(
     chain_length = 0
     if prompt_lookup_branches > 0:
         chain_length = prompt_lookup_length or branch_length(len(tree_widths))
-    if prompt_lookup_under_draft and do_sample:
-        raise ValueError("prompt_lookup_under_draft=True is for greedy decoding (do_sample=False).")
     leaf_length = chain_length if prompt_lookup_under_draft and tree_widths else 0
     num_tree_nodes = 1 + sum(tree_widths) + prompt_lookup_branches * chain_length + leaf_length
     max_depth = max(len(tree_widths) + leaf_length, chain_length)
