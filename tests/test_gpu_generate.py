@@ -58,7 +58,8 @@ def test_smollm2_fp32_on_cuda():
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
 def test_cuda_graphs_match_plain_generate(arch):
     """The graphed draft and verify forwards give what plain generate gives, for every supported
-    architecture, with prompt-lookup chains and adaptive drafting (two verify graphs) too."""
+    architecture, with prompt-lookup chains (under the draft too: the device lookup inside the verify
+    graph) and adaptive drafting (two verify graphs) too."""
     rng = random.Random(f"cuda-graphs-{arch}")
     target = make_target(arch, seed=7, num_key_value_heads=2, hidden_size=64, num_attention_heads=4).cuda()
     draft = make_draft(target, seed=8).cuda()
@@ -69,7 +70,9 @@ def test_cuda_graphs_match_plain_generate(arch):
         ids, mask = ids.cuda(), mask.cuda()
         kwargs = dict(attention_mask=mask, max_new_tokens=rng.choice([1, 9, 60]), do_sample=False)
         reference = target.generate(ids, **kwargs)
-        extra = rng.choice([{}, dict(prompt_lookup_branches=2), dict(adaptive=True)])
+        extra = rng.choice(
+            [{}, dict(prompt_lookup_branches=2), dict(adaptive=True), dict(prompt_lookup_branches=1, prompt_lookup_under_draft=True)]
+        )
         for cuda_graphs in (True, False):
             output = target.generate(
                 ids, assistant_model=draft, tree_widths=rng.choice(TREE_SHAPES), cuda_graphs=cuda_graphs,
