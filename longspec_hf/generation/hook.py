@@ -176,6 +176,12 @@ def _check_length(target: PreTrainedModel, prompt_len: int, max_length: int) -> 
         )
 
 
+def _check_integer(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "non-negative" if minimum == 0 else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
+
+
 @functools.wraps(_original_generate)
 def generate(self: PreTrainedModel, *args, **kwargs):
     bound = _generate_signature.bind_partial(self, *args, **kwargs)
@@ -190,24 +196,19 @@ def generate(self: PreTrainedModel, *args, **kwargs):
     sampling_rule = kwargs.pop("sampling_rule", None)
     resolve_sampling_rule(sampling_rule)  # fail before any forward pass on an unknown name
     prompt_lookup_branches = kwargs.pop("prompt_lookup_branches", 0)
-    if isinstance(prompt_lookup_branches, bool) or not isinstance(prompt_lookup_branches, int) or prompt_lookup_branches < 0:
-        raise ValueError(f"prompt_lookup_branches must be a non-negative integer, got {prompt_lookup_branches!r}")
+    _check_integer("prompt_lookup_branches", prompt_lookup_branches, minimum=0)
     prompt_lookup_length = kwargs.pop("prompt_lookup_length", None)
     if prompt_lookup_length is not None:
-        if isinstance(prompt_lookup_length, bool) or not isinstance(prompt_lookup_length, int) or prompt_lookup_length < 1:
-            raise ValueError(f"prompt_lookup_length must be a positive integer, got {prompt_lookup_length!r}")
-        if prompt_lookup_branches == 0:
-            raise ValueError(
-                "prompt_lookup_length is the length of the prompt-lookup chains: pass prompt_lookup_branches > 0 too."
-            )
+        _check_integer("prompt_lookup_length", prompt_lookup_length, minimum=1)
     switches = {name: kwargs.pop(name, default) for name, default in SWITCHES.items()}
     for name, value in switches.items():
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
-    if switches["prompt_lookup_under_draft"] and prompt_lookup_branches == 0:
-        raise ValueError(
-            "prompt_lookup_under_draft=True adds a lookup chain under the draft: pass prompt_lookup_branches > 0 too."
-        )
+    lookup_options = {"prompt_lookup_length": prompt_lookup_length is not None}
+    lookup_options["prompt_lookup_under_draft"] = switches["prompt_lookup_under_draft"]
+    for name, given in lookup_options.items():
+        if given and prompt_lookup_branches == 0:
+            raise ValueError(f"{name} shapes the prompt-lookup chains: pass prompt_lookup_branches > 0 too.")
     for name in ("compile_draft", "compile_target"):
         if switches[name] and not switches["cuda_graphs"]:
             raise ValueError(
