@@ -150,7 +150,7 @@ def profile_graphs(calls: dict[str, cuda_graphs.GraphedCall], method: str, repla
         kernels = sum(count for count, _ in by_kernel.values()) / replays
         busy_ms = sum(us for _, us in by_kernel.values()) / replays / 1e3
         print(f"--- {method}, graph {name}: {kernels:.0f} kernels, {busy_ms:.3f} ms busy per replay")
-        for kernel, (count, us) in sorted(by_kernel.items(), key=lambda item: -item[1][1])[:25]:
+        for kernel, (count, us) in sorted(by_kernel.items(), key=lambda item: -item[1][1])[:45]:
             print(f"{count / replays:6.0f} {us / replays:9.1f} us  {kernel}")
 
 

@@ -66,7 +66,60 @@ def interpreter_cases() -> dict:
     ties = torch.tensor([[1.0, 3.0, 3.0, -inf, 3.0, 0.0], [-inf, -inf, -inf, 0.0, -inf, -inf]])
     values, indices = topk.topk_log_softmax(ties, 4, chunk_size=16)
     results["ties"] = dict(values=values.tolist(), indices=indices.tolist())
+    for name, (batch, parents, children, width, seed) in BEAM_CASES.items():
+        try:
+            inputs = beam_inputs(batch, parents, children, seed)
+            results[f"beam-{name}"] = compare_beam(*topk.beam_select(*inputs, width), *inputs, width)
+        except Exception:
+            results[f"beam-{name}"] = dict(error=traceback.format_exc())
     return results
+
+
+# name -> (batch, parents, children per parent, width, seed)
+BEAM_CASES = {
+    "root": (2, 1, 4, 4, 0),
+    "tree_level": (3, 16, 16, 16, 1),
+    "ragged_pairs": (2, 5, 3, 7, 2),
+    "ties": (2, 6, 4, 10, 3),
+}
+
+
+def beam_inputs(batch: int, parents: int, children: int, seed: int):
+    """Each parent's children sorted best first (as `topk_log_softmax` gives them), distinct tokens per
+    row; the "ties" seed rounds the scores to quarters so that many cumulative scores are equal."""
+    gen = torch.Generator().manual_seed(seed)
+    child_scores = -torch.rand(batch, parents, children, generator=gen).mul(6)
+    parent_scores = -torch.rand(batch, parents, generator=gen).mul(6)
+    if seed == 3:
+        child_scores, parent_scores = (child_scores * 4).round() / 4, (parent_scores * 4).round() / 4
+    child_scores = child_scores.sort(dim=-1, descending=True).values
+    child_tokens = torch.stack([torch.randperm(1000, generator=gen)[: parents * children] for _ in range(batch)])
+    return child_scores, child_tokens.view(batch, parents, children), parent_scores
+
+
+def compare_beam(tokens, parent_local, scores, child_scores, child_tokens, parent_scores, width) -> dict:
+    """Every selected pair is a real (parent, child) pair with its cumulative score, the pairs are distinct,
+    the scores are the reference's top `width`, and equal scores come in pair order (parent-major)."""
+    expected_scores = reference.beam_select(child_scores, child_tokens, parent_scores, width)[2]
+    batch, parents, children = child_scores.shape
+    pair_of_token = [{int(t): i for i, t in enumerate(row.reshape(-1))} for row in child_tokens]
+    pairs = [[pair_of_token[b][int(t)] for t in tokens[b]] for b in range(batch)]
+    consistent = all(
+        pair // children == int(parent_local[b, j])
+        and float(scores[b, j]) == float(parent_scores[b, pair // children] + child_scores[b, pair // children, pair % children])
+        for b in range(batch) for j, pair in enumerate(pairs[b])
+    )
+    tie_order = all(
+        pairs[b][j] < pairs[b][j + 1] for b in range(batch) for j in range(width - 1)
+        if float(scores[b, j]) == float(scores[b, j + 1])
+    )
+    return dict(
+        max_error=float((scores - expected_scores).abs().max()),
+        consistent=consistent,
+        distinct=all(len(set(row)) == width for row in pairs),
+        tie_order=tie_order,
+        dtypes=[str(tokens.dtype), str(parent_local.dtype), str(scores.dtype)],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +147,27 @@ def test_ties_go_to_the_lower_index_and_minus_infinity_stays_last(interpreter_re
     assert len(set(result["indices"][1])) == 4 and result["values"][1][1:] == [-float("inf")] * 3
 
 
+@pytest.mark.parametrize("name", list(BEAM_CASES))
+def test_beam_select_matches_reference_in_interpreter(interpreter_results, name):
+    result = interpreter_results[f"beam-{name}"]
+    assert "error" not in result, result.get("error")
+    assert result["max_error"] == 0.0
+    assert result["consistent"] and result["distinct"] and result["tie_order"]
+    assert result["dtypes"] == ["torch.int64", "torch.int64", "torch.float32"]
+
+
+def test_beam_select_reference_is_the_best_pairs():
+    child_scores, child_tokens, parent_scores = beam_inputs(2, 5, 3, seed=4)
+    tokens, parent_local, scores = kernels.beam_select(child_scores, child_tokens, parent_scores, 7)
+    # Brute force: every (parent, child) pair's cumulative score, the 7 best.
+    for b in range(2):
+        every = sorted(
+            ((float(parent_scores[b, p] + child_scores[b, p, c]), int(child_tokens[b, p, c]), p) for p in range(5) for c in range(3)),
+            reverse=True,
+        )[:7]
+        assert [(s, t, p) for s, t, p in every] == list(zip(scores[b].tolist(), tokens[b].tolist(), parent_local[b].tolist()))
+
+
 def test_dispatch_on_cpu_is_the_reference():
     logits = random_logits(4, 200, torch.float32, "cpu", seed=3)
     for backend in (None, "torch"):
@@ -108,6 +182,8 @@ def test_unsupported_inputs_are_named():
     pytest.importorskip("triton")
     assert "k=" in topk.unsupported_reason(torch.zeros(2, 10), 11)
     assert "rows, vocab" in topk.unsupported_reason(torch.zeros(2, 3, 10), 2)
+    assert "width=" in topk.beam_select_unsupported_reason(torch.zeros(1, 2, 3), 7)
+    assert "pairs" in topk.beam_select_unsupported_reason(torch.zeros(1, 100, 64), 16)
 
 
 @pytest.mark.gpu
@@ -123,3 +199,14 @@ def test_kernel_matches_reference_on_gpu(rows, k):
     picked = torch.log_softmax(logits.float(), dim=-1).gather(1, indices)
     assert torch.allclose(picked, values, atol=1e-5)
     assert all(len(set(row)) == k for row in indices.tolist())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(BEAM_CASES))
+def test_beam_select_matches_reference_on_gpu(name):
+    from longspec_hf.kernels import topk
+
+    batch, parents, children, width, seed = BEAM_CASES[name]
+    inputs = [t.cuda() for t in beam_inputs(batch, parents, children, seed)]
+    result = compare_beam(*[t.cpu() for t in topk.beam_select(*inputs, width)], *[t.cpu() for t in inputs], width)
+    assert result["max_error"] == 0.0 and result["consistent"] and result["distinct"] and result["tie_order"]

@@ -31,6 +31,9 @@ CPU_CASES = {
     "cross_attention_tree": dict(lengths=[30, 12], capacity=40, kv_heads=2, group=1, queries=3, tree=9,
                                  head_dim=32, num_splits=2, config=dict(BLOCK_M=16, BLOCK_N=16)),
     "empty_prefixes": dict(lengths=[0, 0], capacity=8, kv_heads=1, group=2, queries=6, head_dim=16, num_splits=2),
+    # More splits than one merge round loads (16), and a shorter row whose last splits see no key.
+    "merge_in_rounds": dict(lengths=[300, 170], capacity=320, kv_heads=1, group=2, queries=3, head_dim=16,
+                            num_splits=20, config=dict(BLOCK_M=16, BLOCK_N=16)),
     "tree_across_chunks": dict(lengths=[5], capacity=9, kv_heads=1, group=1, queries=40, head_dim=16,
                                num_splits=4, config=dict(BLOCK_M=16, BLOCK_N=16)),
     "tree_of_256": dict(lengths=[70], capacity=80, kv_heads=1, group=1, queries=256, head_dim=16),

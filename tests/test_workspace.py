@@ -214,9 +214,9 @@ def test_compiled_draft_drafts_like_the_eager_one_in_its_own_workspace():
 
 
 def test_compiled_target_verifies_like_the_eager_one():
-    """`compile_target=True` runs the target's verify forward through torch.compile: outputs equal plain
-    generate (a padded batch, greedy), the same tokens accepted round by round as eagerly, sampling
-    draws the same tokens for the same seed, and another prompt length compiles nothing new."""
+    """`compile_target=True` runs the target's prefill and verify forwards through torch.compile: outputs
+    equal plain generate (a padded batch, greedy), the same tokens accepted round by round as eagerly,
+    sampling draws the same tokens for the same seed, and another prompt length compiles nothing new."""
     from torch._dynamo.utils import counters
 
     from longspec_hf import LongSpecStats
@@ -238,11 +238,25 @@ def test_compiled_target_verifies_like_the_eager_one():
     assert torch.equal(eager_out, reference) and torch.equal(compiled_out, reference)
     assert compiled_accepted == eager_accepted and max(compiled_accepted) > 1
     assert kept(draft).key.compile_target and kept(draft).verify.forward is not None
+    # The prefill goes through the compiled forward too (the verify graphs hold it already).
+    verify, prefill_lengths = kept(draft).verify, []
+    compiled_forward = verify.forward
+    verify.forward = lambda **inputs: prefill_lengths.append(inputs["input_ids"].shape[1]) or compiled_forward(**inputs)
+    assert torch.equal(run(compile_target=True)[0], reference)
+    verify.forward = compiled_forward
+    assert prefill_lengths == [ids.shape[1]]
 
-    compiled_frames = counters["frames"]["ok"]
-    longer = torch.randint(3, target.config.vocab_size, (2, 300))
-    output = target.generate(longer, assistant_model=draft, max_new_tokens=20, do_sample=False, compile_target=True)
-    assert torch.equal(output, target.generate(longer, max_new_tokens=20, do_sample=False))
+    # The prompt length is a dynamic dimension of the compiled prefill and the cache capacity one of the
+    # compiled verify: once both paddings have run (the prefill attention differs), new lengths compile nothing.
+    for length in (300, 170):
+        compiled_frames = counters["frames"]["ok"]
+        longer = torch.randint(3, target.config.vocab_size, (2, length))
+        longer_mask = torch.ones_like(longer)
+        longer_mask[1, : length // 3] = 0
+        for mask_or_none in (None, longer_mask):
+            kwargs = dict(attention_mask=mask_or_none, max_new_tokens=20, do_sample=False)
+            output = target.generate(longer, assistant_model=draft, compile_target=True, **kwargs)
+            assert torch.equal(output, target.generate(longer, **kwargs))
     assert counters["frames"]["ok"] == compiled_frames
 
     sampled = []

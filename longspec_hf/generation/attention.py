@@ -37,18 +37,21 @@ class LongSpecAttentionInputs:
     Attributes:
         cache: the target cache holding every layer's K/V.
         tree_mask: `(B, T, T)` ancestor mask for a tree forward; None for the prefill.
+        left_padded: prefill only: whether any row has left padding (known on the host, so the attention
+            takes the plain causal path without reading the device, also inside compiled code).
     """
 
     cache: LongSpecCache
     tree_mask: torch.Tensor | None = None
+    left_padded: bool = True
 
 
 def _prefill_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pad_start: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pad_start: torch.Tensor, scale: float, left_padded: bool
 ) -> torch.Tensor:
     """Causal attention over the prompt slots; slots before `pad_start[b]` are padding."""
     length = query.shape[2]
-    if bool((pad_start == 0).all()):
+    if not left_padded:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
     slots = torch.arange(length, device=query.device)
     causal = slots[None, :] <= slots[:, None]
@@ -82,7 +85,7 @@ def longspec_attention_forward(
     cache = longspec.cache
     layer = module.layer_idx
     if longspec.tree_mask is None:
-        out = _prefill_attention(query, key, value, cache.pad_start, scale)
+        out = _prefill_attention(query, key, value, cache.pad_start, scale, longspec.left_padded)
     else:
         num_nodes = query.shape[2]
         out, _ = kernels.prefix_tree_attention(

@@ -114,7 +114,8 @@ class LongSpecCache(Cache):
         """
         target = self.kv_tree if self._write_tree else self.kv
         length = key_states.shape[2]
-        if length != self._write_len:
+        # (Not under torch.compile: comparing the traced length with the plan would pin it to one prompt length.)
+        if not torch.compiler.is_compiling() and length != self._write_len:
             raise RuntimeError(f"forward of {length} tokens does not match the cache's write plan ({self._write_len})")
         target[layer_idx, 0, :, :, :length] = key_states
         target[layer_idx, 1, :, :, :length] = value_states

@@ -137,7 +137,8 @@ def longspec_decode(
     `cuda_graphs=False` runs the plain eager loop with fresh buffers. `compile_draft` runs the draft
     block of that greedy graph through `torch.compile` (fewer, fused kernels per tree level; the first
     call of a process compiles for a few seconds). `compile_target` likewise runs the target's verify
-    forward through `torch.compile` inside its graph (all modes; the prefill stays eager).
+    forward through `torch.compile` inside its graph, and the prefill through the same compiled forward
+    (all modes).
     """
     batch_size, prompt_len = input_ids.shape
     device = input_ids.device
@@ -210,13 +211,21 @@ def longspec_decode(
         # Prefill: the prompt's K/V become the committed prefix; its last logits give the first token.
         cache.begin_prefill(prompt_len)
         positions = (torch.arange(prompt_len, device=device)[None, :] - pad_start[:, None]).clamp(min=0)
-        logits = target(
+        prefill = target
+        if use_graphs and workspace.verify.forward is not None:
+            # The compiled target: an eager forward launches each of its small kernels from Python, which
+            # costs more than the GPU work of a prompt of thousands of tokens. The prompt length is a
+            # dynamic dimension, so one compiled graph serves every length.
+            prefill = workspace.verify.forward
+            for tensor in (input_ids, positions):
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        logits = prefill(
             input_ids=input_ids,
             position_ids=positions,
             **{cache_keyword(target): cache},
             use_cache=True,
             logits_to_keep=1,
-            longspec=LongSpecAttentionInputs(cache),
+            longspec=LongSpecAttentionInputs(cache, left_padded=bool(pad_start.any())),
         ).logits[:, -1:].float()
         scores = logits_processor(input_ids, logits[:, 0].clone())[:, None]
         if do_sample:

@@ -277,7 +277,7 @@ def expand_level(
     per_parent = min(width, vocab)
     child_scores, child_tokens = log_probs.topk(per_parent, dim=-1)
     if not sample_children:
-        return _best_pairs(child_scores, child_tokens, parent_scores, width)
+        return kernels.beam_select(child_scores, child_tokens, parent_scores, width)
     pair_scores = (parent_scores[..., None] + child_scores).reshape(batch, -1)
     pair = pair_scores.topk(width, dim=-1).indices
     # How many children each parent gets; take ranks 0..count-1 of each parent (a prefix even when tied
@@ -308,19 +308,7 @@ def expand_level_greedy(
     per_parent = min(width, vocab)
     child_scores, child_tokens = kernels.topk_log_softmax(logits.reshape(-1, vocab), per_parent)
     shape = (batch, num_parents, per_parent)
-    return _best_pairs(child_scores.view(shape), child_tokens.view(shape), parent_scores, width)
-
-
-def _best_pairs(
-    child_scores: torch.Tensor, child_tokens: torch.Tensor, parent_scores: torch.Tensor, width: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The beam step: the `width` best (parent, child) pairs by cumulative log-probability, from each
-    parent's top children `(B, n, k)` (scores and tokens)."""
-    batch, _, per_parent = child_scores.shape
-    pair_scores = (parent_scores[..., None] + child_scores).reshape(batch, -1)
-    scores, pair = pair_scores.topk(width, dim=-1)
-    tokens = child_tokens.reshape(batch, -1).gather(1, pair)
-    return tokens, pair // per_parent, scores
+    return kernels.beam_select(child_scores.view(shape), child_tokens.view(shape), parent_scores, width)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Attention and cache kernels. Each Triton kernel sits beside the pure-torch reference in `reference.py`.
 
-`prefix_tree_attention`, `prefix_attention`, `compact_kv` and `topk_log_softmax` run the Triton kernels
+`prefix_tree_attention`, `prefix_attention`, `compact_kv`, `topk_log_softmax` and `beam_select` run the Triton kernels
 on CUDA tensors when Triton is installed and the inputs are supported, and the torch reference otherwise
 (CPU, other dtypes).
 `backend="torch"` or `backend="triton"` forces one (a forced Triton call on unsupported inputs raises).
@@ -25,6 +25,7 @@ except ImportError:  # triton is not installed
 
 __all__ = [
     "attention_with_lse",
+    "beam_select",
     "compact_kv",
     "merge_attention",
     "prefix_attention",
@@ -121,3 +122,20 @@ def topk_log_softmax(logits: torch.Tensor, k: int, *, backend: str | None = None
     if _use_triton(backend, module, reason, logits.device):
         return module.topk_log_softmax(logits, k)
     return reference.topk_log_softmax(logits, k)
+
+
+def beam_select(
+    child_scores: torch.Tensor,
+    child_tokens: torch.Tensor,
+    parent_scores: torch.Tensor,
+    width: int,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `width` best (parent, child) pairs per batch row (see `reference.beam_select`); the Triton path
+    orders equal scores by lower pair index (parent-major)."""
+    module = _topk_triton
+    reason = lambda: module.beam_select_unsupported_reason(child_scores, width)
+    if _use_triton(backend, module, reason, child_scores.device):
+        return module.beam_select(child_scores, child_tokens, parent_scores, width)
+    return reference.beam_select(child_scores, child_tokens, parent_scores, width)

@@ -157,3 +157,26 @@ def topk_log_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     """The `k` largest entries of `log_softmax(logits)` of each row `(R, V)`, computed in float32, and
     their indices, both `(R, k)`, largest first (the order of equal values is unspecified here)."""
     return torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+
+
+def beam_select(
+    child_scores: torch.Tensor, child_tokens: torch.Tensor, parent_scores: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One beam step: the `width` best (parent, child) pairs of each batch row by cumulative score.
+
+    Args:
+        child_scores: `(B, n, k)` log-probabilities of each parent's `k` candidate children.
+        child_tokens: `(B, n, k)` their tokens.
+        parent_scores: `(B, n)` cumulative log-probabilities of the parents.
+        width: pairs to keep (at most `n * k`).
+
+    Returns:
+        `(tokens, parent_local, scores)`, each `(B, width)`, best first (the order of equal scores is
+        unspecified here); `parent_local` indexes the `n` parents, `scores` are float32 cumulative
+        log-probabilities.
+    """
+    batch, _, per_parent = child_scores.shape
+    pair_scores = (parent_scores.float()[..., None] + child_scores.float()).reshape(batch, -1)
+    scores, pair = pair_scores.topk(width, dim=-1)
+    tokens = child_tokens.reshape(batch, -1).gather(1, pair)
+    return tokens, pair // per_parent, scores

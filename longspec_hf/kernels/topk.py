@@ -12,6 +12,13 @@ launches) on it, which was a quarter of the draft's time per round on a small ta
   taken yet, lowest index among equals".
 * Stage 2, program (row): the exact log-sum-exp from the chunks' (max, sum) pairs, and the top `k` of
   the `chunks * k` candidates the same way (the row's top `k` are among its chunks' top `k`).
+
+Each round of "largest not taken yet" is a reduction whose cost is mostly its latency, so programs are
+narrow (few warps) and many, rather than wide.
+
+`beam_select` is the beam step that follows (`reference.beam_select`): the `width` best (parent, child)
+pairs of a batch row by parent score + child log-probability, in one program per row instead of torch's
+add, radix top-k, sort and gathers.
 """
 
 from __future__ import annotations
@@ -22,7 +29,11 @@ import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_K = 64
-CHUNK = 4096  # vocabulary entries per stage-1 program (registers: 32 per thread with 4 warps)
+MAX_BEAM_CANDIDATES = 4096  # parents x children of one beam step, in one program's registers
+# Stage-1 slice and warps, stage-2 warps (measured on an H200 for SmolLM2's vocabulary; BENCHMARKS.md).
+CHUNK = 4096
+CHUNK_WARPS = 4
+MERGE_WARPS = 4
 
 
 @triton.jit
@@ -110,8 +121,11 @@ def unsupported_reason(logits: torch.Tensor, k: int) -> str | None:
     return None
 
 
-def topk_log_softmax(logits: torch.Tensor, k: int, chunk_size: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused top-k of the row-wise log-softmax; same arguments and results as the reference."""
+def topk_log_softmax(
+    logits: torch.Tensor, k: int, chunk_size: int = CHUNK, chunk_warps: int = CHUNK_WARPS, merge_warps: int = MERGE_WARPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused top-k of the row-wise log-softmax; same arguments and results as the reference (the launch
+    parameters are for benchmarks)."""
     rows, vocab = logits.shape
     device = logits.device
     values = torch.empty(rows, k, dtype=torch.float32, device=device)
@@ -127,13 +141,74 @@ def topk_log_softmax(logits: torch.Tensor, k: int, chunk_size: int = CHUNK) -> t
     _chunk_topk_kernel[(rows, num_chunks)](
         logits, cand_value, cand_index, chunk_max, chunk_sum,
         vocab, num_chunks, *logits.stride(),
-        K=k, CHUNK_SIZE=chunk_size, num_warps=4 if chunk_size <= 4096 else 8,
+        K=k, CHUNK_SIZE=chunk_size, num_warps=chunk_warps,
     )
     _merge_topk_kernel[(rows,)](
         cand_value, cand_index, chunk_max, chunk_sum, values, indices,
         num_chunks, *values.stride(),
         K=k, BLOCK_CHUNKS=max(2, triton.next_power_of_2(num_chunks)),
         BLOCK_CANDIDATES=max(16, triton.next_power_of_2(num_chunks * k)),
-        num_warps=4,
+        num_warps=merge_warps,
     )
     return values, indices
+
+
+@triton.jit
+def _beam_select_kernel(
+    Child_value, Child_token, Parent_score, Out_token, Out_parent, Out_score,
+    num_parents, per_parent,
+    WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program (batch row): the `WIDTH` best of its `num_parents * per_parent` (parent, child) pairs,
+    largest first, the lower pair index (parent-major) first among equal scores."""
+    row = tl.program_id(0).to(tl.int64)
+    slots = tl.arange(0, BLOCK)
+    num_pairs = num_parents * per_parent
+    valid = slots < num_pairs
+    parent = slots // per_parent
+    child = tl.load(Child_value + row * num_pairs + slots, mask=valid, other=float("-inf"))
+    tokens = tl.load(Child_token + row * num_pairs + slots, mask=valid, other=0)
+    scores = tl.load(Parent_score + row * num_parents + parent, mask=valid, other=float("-inf")) + child
+    taken = tl.zeros([BLOCK], dtype=tl.int32)
+    for rank in tl.static_range(WIDTH):
+        best, slot = _take_largest(scores, slots, taken, valid)
+        out = row * WIDTH + rank
+        tl.store(Out_score + out, best)
+        tl.store(Out_token + out, tl.sum(tl.where(slots == slot, tokens, 0), axis=0))
+        tl.store(Out_parent + out, (slot // per_parent).to(tl.int64))
+        taken = tl.where(slots == slot, 1, taken)
+
+
+def beam_select_unsupported_reason(child_scores: torch.Tensor, width: int) -> str | None:
+    """Why these inputs cannot go to `beam_select`, or None when they can."""
+    if child_scores.dim() != 3:
+        return "expected child scores (batch, parents, children)"
+    pairs = child_scores.shape[1] * child_scores.shape[2]
+    if pairs > MAX_BEAM_CANDIDATES:
+        return f"{pairs} (parent, child) pairs (at most {MAX_BEAM_CANDIDATES})"
+    if not 1 <= width <= min(MAX_K, pairs):
+        return f"width={width} outside [1, min({MAX_K}, pairs)]"
+    if child_scores.device.type != "cuda" and not INTERPRETED:
+        return "CPU tensors (the Triton kernels need CUDA, or TRITON_INTERPRET=1 at import)"
+    return None
+
+
+def beam_select(
+    child_scores: torch.Tensor, child_tokens: torch.Tensor, parent_scores: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused beam step; same arguments and results as `reference.beam_select`."""
+    batch, num_parents, per_parent = child_scores.shape
+    device = child_scores.device
+    tokens = torch.empty(batch, width, dtype=child_tokens.dtype, device=device)
+    parents = torch.empty(batch, width, dtype=torch.long, device=device)
+    scores = torch.empty(batch, width, dtype=torch.float32, device=device)
+    if batch == 0:
+        return tokens, parents, scores
+    _beam_select_kernel[(batch,)](
+        child_scores.float().contiguous(), child_tokens.contiguous(), parent_scores.float().contiguous(),
+        tokens, parents, scores,
+        num_parents, per_parent,
+        WIDTH=width, BLOCK=max(16, triton.next_power_of_2(num_parents * per_parent)),
+        num_warps=1 if num_parents * per_parent <= 512 else 4,
+    )
+    return tokens, parents, scores

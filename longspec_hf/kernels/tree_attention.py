@@ -201,44 +201,56 @@ def _merge_splits_kernel(
     stride_lb, stride_lh, stride_lt,
     num_kv_heads, num_queries, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Program (m block, batch row * KV head): exact softmax merge of the splits,
-    `out = sum_s 2^(lse_s - max) out_s / sum_s 2^(lse_s - max)`, `lse = max + log2(sum)` (then to base e)."""
+    `out = sum_s 2^(lse_s - max) out_s / sum_s 2^(lse_s - max)`, `lse = max + log2(sum)` (then to base e).
+
+    `BLOCK_S` splits are loaded at once and folded in with a running maximum: the merge is a chain of
+    dependent loads, so its time is the number of load rounds, not the bytes."""
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_kv_heads
     kv_head = batch_head % num_kv_heads
     num_rows = GROUP * num_queries
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < num_rows
     dims = tl.arange(0, BLOCK_D)
-    dim_valid = dims < HEAD_DIM
-    first_row = batch_head.to(tl.int64) * num_splits * num_rows + rows
+    # Everything per row is kept as (M, 1) and per split as (S, M, 1), slices of one (S, M, D) layout,
+    # so that no broadcast needs a layout conversion.
+    row_valid = (rows < num_rows)[:, None]
+    dim_valid = (dims < HEAD_DIM)[None, None, :]
+    first_row = (batch_head.to(tl.int64) * num_splits * num_rows + rows)[None, :, None]
+    split_offsets = tl.arange(0, BLOCK_S)[:, None, None]
 
-    lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for split in range(num_splits):
-        lse_split = tl.load(Lse_partial + first_row + split * num_rows, mask=row_valid, other=float("-inf"))
-        lse_max = tl.maximum(lse_max, lse_split)
-    # Rows no split saw stay at -inf; shift them by 0 so that their weights are exactly 0.
-    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weight_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lse_max = tl.full([BLOCK_M, 1], float("-inf"), dtype=tl.float32)
+    weight_sum = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for split in range(num_splits):
-        partial_row = first_row + split * num_rows
-        weight = tl.exp2(tl.load(Lse_partial + partial_row, mask=row_valid, other=float("-inf")) - lse_ref)
-        out_split = tl.load(Out_partial + partial_row[:, None] * HEAD_DIM + dims[None, :],
-                            mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    for split_lo in range(0, num_splits, BLOCK_S):
+        splits = split_lo + split_offsets
+        valid = (splits < num_splits) & row_valid[None, :, :]
+        partial_rows = first_row + splits.to(tl.int64) * num_rows  # (S, M, 1)
+        lse_splits = tl.load(Lse_partial + partial_rows, mask=valid, other=float("-inf"))
+        out_splits = tl.load(Out_partial + partial_rows * HEAD_DIM + dims[None, None, :],
+                             mask=valid & dim_valid, other=0.0)
+        new_max = tl.maximum(lse_max, tl.max(lse_splits, axis=0))
+        # Rows no split saw stay at -inf; shift them by 0 so that their weights are exactly 0.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(lse_max - shift)
+        weight = tl.exp2(lse_splits - shift[None, :, :])
         # A split that saw no key has weight 0; skip its (zero) output explicitly so that it cannot add NaN.
-        acc += tl.where(weight[:, None] > 0, weight[:, None] * out_split, 0.0)
-        weight_sum += weight
+        contribution = tl.where(weight > 0, weight * out_splits, 0.0)
+        acc = acc * rescale + tl.sum(contribution, axis=0)
+        weight_sum = weight_sum * rescale + tl.sum(weight, axis=0)
+        lse_max = new_max
 
-    out = tl.where(weight_sum[:, None] > 0, acc / weight_sum[:, None], 0.0)
+    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    out = tl.where(weight_sum > 0, acc / weight_sum, 0.0)
     lse = (lse_ref + tl.log2(weight_sum)) * 0.6931471805599453  # to base e: * ln(2)
-    query_head = kv_head * GROUP + rows // num_queries
-    query_index = rows % num_queries
-    out_ptrs = (Out + batch.to(tl.int64) * stride_ob + query_head[:, None].to(tl.int64) * stride_oh
-                + query_index[:, None] * stride_ot + dims[None, :] * stride_od)
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+    query_head = (kv_head * GROUP + rows // num_queries)[:, None]
+    query_index = (rows % num_queries)[:, None]
+    out_ptrs = (Out + batch.to(tl.int64) * stride_ob + query_head.to(tl.int64) * stride_oh
+                + query_index * stride_ot + dims[None, :] * stride_od)
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid & (dims < HEAD_DIM)[None, :])
     lse_ptrs = Lse + batch.to(tl.int64) * stride_lb + query_head.to(tl.int64) * stride_lh + query_index * stride_lt
     tl.store(lse_ptrs, lse, mask=row_valid)
 
@@ -285,6 +297,16 @@ def default_config(num_rows: int, head_dim: int, element_size: int = 2) -> dict:
         "num_stages": num_stages,
         "programs_per_sm": programs_per_sm,
     }
+
+
+MERGE_TILE = 8192  # fp32 elements of the (splits, rows, dims) tile one merge program loads per round
+
+
+def merge_config(num_rows: int, block_d: int, num_splits: int) -> dict:
+    """Tile of the split merge: up to 16 splits per load round and as many rows as fit `MERGE_TILE`."""
+    block_s = min(16, max(2, triton.next_power_of_2(num_splits)))
+    block_m = max(1, min(triton.next_power_of_2(num_rows), MERGE_TILE // (block_s * block_d)))
+    return {"BLOCK_S": block_s, "BLOCK_M": block_m, "num_warps": 4}
 
 
 def default_num_splits(num_programs_per_split: int, num_keys: int, block_n: int, device: torch.device,
@@ -358,13 +380,12 @@ def _launch(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1:
-        merge_block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
-        _merge_splits_kernel[(triton.cdiv(num_rows, merge_block_m), batch * num_kv_heads)](
+        merge = merge_config(num_rows, block_d, num_splits)
+        _merge_splits_kernel[(triton.cdiv(num_rows, merge["BLOCK_M"]), batch * num_kv_heads)](
             out_partial, lse_partial, out, lse,
             *out.stride(), *lse.stride(),
             num_kv_heads, num_queries, num_splits,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=merge_block_m,
-            num_warps=4,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, **merge,
         )
     return out, lse
 
