@@ -143,6 +143,30 @@ def test_leaf_chain_hangs_under_each_rows_best_deepest_node():
         layout.merge(tree, torch.tensor([[[30, 31]], [[40, 41]]]))
 
 
+def test_verify_graph_tree_steps_read_nothing_on_the_host():
+    """What the verify graph runs besides the target (leaf lookup, merge, greedy acceptance) works on
+    meta tensors, which have no values: so none of it reads a device value on the host, which a CUDA
+    graph capture would refuse (a scalar tensor used as an index did)."""
+    meta = torch.device("meta")
+    tree = DraftTree.root_only(torch.empty(2, dtype=torch.long, device=meta))
+    for width, parents_per_level in ((2, 1), (3, 2)):
+        tree.add_level(
+            torch.empty(2, width, dtype=torch.long, device=meta),
+            torch.zeros(2, width, dtype=torch.long, device=meta) + tree.level_slice(tree.max_depth).start,
+            torch.empty(2, width, device=meta),
+        )
+    layout = ChainLayout.build(tree.level_sizes, num_chains=2, length=4, device=meta, leaf_length=3)
+    tokens = torch.empty(2, 50, dtype=torch.long, device=meta)
+    seq_len = torch.empty(2, dtype=torch.long, device=meta)
+    pad_start = torch.empty(2, dtype=torch.long, device=meta)
+    leaf, suffix = best_leaf_suffix(tree)
+    leaf_chain, _ = latest_continuation(tokens, seq_len, pad_start, suffix, layout.leaf_length)
+    merged = layout.merge(tree, torch.empty(2, 2, 4, dtype=torch.long, device=meta), leaf, leaf_chain)
+    acceptance = accept_greedy(merged, torch.empty(2, merged.num_nodes, dtype=torch.long, device=meta))
+    assert merged.tokens.shape == (2, 1 + 5 + 2 * 4 + 3)
+    assert acceptance.new_tokens.shape == (2, 1 + merged.max_depth)
+
+
 def test_latest_continuation_on_the_device_matches_a_brute_force_search():
     """`latest_continuation` (fixed shapes, for the verify graph): the longest matched tail of the suffix,
     then the latest occurrence, followed by at least one token; slots before a row's padding end and

@@ -235,7 +235,9 @@ class ChainLayout:
         if leaf_chain is not None:
             merged_leaf = draft[leaf]
             tokens[:, self.leaf_index] = leaf_chain.to(tokens.dtype)
-            parents[:, self.leaf_index[0]] = merged_leaf
+            # (A one-element index, not a scalar one: a scalar tensor index is read on the host, which a
+            # CUDA graph capture does not allow.)
+            parents[:, self.leaf_index[:1]] = merged_leaf[:, None]
             # Every node of the leaf chain also sees the leaf's path.
             leaf_path = ancestors.gather(1, merged_leaf[:, None, None].expand(-1, 1, num_nodes))
             ancestors[:, self.leaf_index] |= leaf_path
