@@ -7,12 +7,14 @@ Batch 1, bf16, one layer: Tq tree queries (random ancestor mask) over a committe
 slots plus the Tq tree keys. Every variant gets the same inputs; timings are medians over CUDA-event
 timed replays of a CUDA graph that cycles through enough copies of the inputs to keep them out of L2.
 The floor is the K and V bytes (prefix and tree) over the device-to-device copy bandwidth measured in
-the same run. `--sweep` also times tile configurations of the fused kernel at a few points.
+the same run. `--sweep` also times tile configurations of the fused kernel at a few points;
+`--baseline FILE` times another version of `tree_attention.py` against the current one instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -210,6 +212,48 @@ def sweep(bandwidth, points=SWEEP_POINTS):
     return rows
 
 
+def load_baseline(path: str):
+    """The kernels of another version of `tree_attention.py` (e.g. `git show REV:longspec_hf/kernels/
+    tree_attention.py > FILE`), loaded beside the current ones: its custom operators are left out (they
+    would be registered twice) and its relative import is made absolute."""
+    source = open(path).read()
+    source = source.split("# torch.compile cannot look inside")[0]
+    source = source.replace("from .reference import", "from longspec_hf.kernels.reference import")
+    # Triton reads a kernel's source through inspect, which needs a file: write the trimmed module.
+    trimmed = os.path.join(os.path.dirname(os.path.abspath(path)), "_baseline_tree_attention.py")
+    with open(trimmed, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("baseline_tree_attention", trimmed)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_with_baseline(baseline, points, repeats: int = 2):
+    """Baseline vs current fused attention (kernel + split merge), alternating, at `points`
+    (layout, context, tree queries, prefix only); `repeats` timings each."""
+    rows = []
+    for layout, context, num_tree, prefix_only in points:
+        copies = [make_case(layout, context, num_tree, i) for i in range(copies_for(layer_kv_bytes(layout, context, num_tree)))]
+
+        def call(module, case):
+            if prefix_only:  # the draft's cross-attention: no tree keys
+                args = [case[k] for k in ("query", "key_prefix", "value_prefix", "prefix_start", "prefix_end", "scale")]
+                return lambda: module.prefix_attention_with_lse(*args)
+            return lambda: module.prefix_tree_attention(**case)
+
+        times = {"baseline": [], "current": []}
+        for _ in range(repeats):
+            for name, module in (("baseline", baseline), ("current", tree_attention)):
+                times[name].append(1e3 * gpu_time_ms([call(module, c) for c in copies]))
+        difference = float((call(baseline, copies[0])()[0].float() - call(tree_attention, copies[0])()[0].float()).abs().max())
+        row = dict(layout=layout, context=context, tree=num_tree, prefix_only=prefix_only, baseline_us=times["baseline"],
+                   current_us=times["current"], max_abs_difference=difference)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--contexts", default="4096,16384,32768,65536,131072")
@@ -218,9 +262,20 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-points", default=None,
                         help="LAYOUT:CONTEXT:TREE,... instead of the default sweep points")
+    parser.add_argument("--baseline", default=None,
+                        help="another version of tree_attention.py to time against the current one at --baseline-points")
+    parser.add_argument("--baseline-points", default="SmolLM2-135M:4096:1,SmolLM2-135M:4096:16:prefix,SmolLM2-135M:4096:69",
+                        help="LAYOUT:CONTEXT:TREE[:prefix],...")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.baseline:
+        points = [(p.split(":")[0], int(p.split(":")[1]), int(p.split(":")[2]), p.endswith(":prefix"))
+                  for p in args.baseline_points.split(",")]
+        rows = compare_with_baseline(load_baseline(args.baseline), points)
+        with open(os.path.join(args.out, "attention_baseline.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), baseline=args.baseline, rows=rows), f, indent=1)
+        return
     began = time.time()
 
     bandwidth = copy_bandwidth_gbs()

@@ -1,10 +1,14 @@
-"""Top-k of the log-softmax per tree level of a greedy draft: the fused kernel vs torch.
+"""Top-k of the log-softmax per tree level of a greedy draft, and the beam step after it: the fused
+kernels vs torch.
 
     PYTHONPATH=. python bench/topk.py --out $OUT
+    PYTHONPATH=. python bench/topk.py --sweep --out $OUT   # also stage-1 slice and warp counts
 
 SmolLM2's vocabulary (49152) in bf16; rows are the nodes of one tree level (1, 4, 16) and a wider one
 (64), k the children kept per node. torch: `log_softmax(logits.float()).topk(k)` (what the draft did
-before). Median device times inside CUDA graphs, both in the same run.
+before). The beam step: the `width` best (parent, child) pairs of `n` parents' top-`k` children,
+`topk.beam_select` vs `reference.beam_select` (add, top-k, gather). Median device times inside CUDA
+graphs, all in the same run.
 """
 
 from __future__ import annotations
@@ -19,9 +23,15 @@ from attention import gpu_time_ms
 from longspec_hf.kernels import reference, topk
 
 
+# (stage-1 slice, stage-1 warps, stage-2 warps)
+SWEEP = [(4096, 4, 4), (4096, 2, 2), (2048, 2, 1), (2048, 1, 1), (1024, 1, 1), (1024, 2, 1), (1024, 1, 2), (512, 1, 1),
+         (1024, 2, 2), (2048, 2, 2)]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--sweep", action="store_true", help="also time stage-1 slice sizes and warp counts")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -32,11 +42,34 @@ def main():
         torch_ms = gpu_time_ms([lambda x=x: reference.topk_log_softmax(x, k) for x in logits])
         rows_out.append(dict(rows=rows, k=k, fused_ms=fused, torch_ms=torch_ms, speedup=torch_ms / fused))
         print(json.dumps(rows_out[-1]), flush=True)
+    beam_rows = []
+    for batch, parents, k, width in [(1, 1, 4, 4), (1, 16, 16, 16), (4, 16, 16, 16)]:
+        child_scores = torch.randn(batch, parents, k, device="cuda", generator=gen).sort(-1, descending=True).values
+        child_tokens = torch.randint(0, args.vocab, (batch, parents, k), device="cuda", generator=gen)
+        parent_scores = torch.randn(batch, parents, device="cuda", generator=gen)
+        inputs = (child_scores, child_tokens, parent_scores, width)
+        assert torch.equal(topk.beam_select(*inputs)[2], reference.beam_select(*inputs)[2])
+        fused = gpu_time_ms([lambda: topk.beam_select(*inputs)])
+        torch_ms = gpu_time_ms([lambda: reference.beam_select(*inputs)])
+        beam_rows.append(dict(batch=batch, parents=parents, k=k, width=width, fused_ms=fused, torch_ms=torch_ms))
+        print(json.dumps(beam_rows[-1]), flush=True)
+    sweep_rows = []
+    if args.sweep:
+        for rows, k in [(1, 4), (16, 16)]:
+            logits = [torch.randn(rows, args.vocab, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(4)]
+            for chunk, chunk_warps, merge_warps in SWEEP:
+                ms = gpu_time_ms([lambda x=x: topk.topk_log_softmax(x, k, chunk, chunk_warps, merge_warps) for x in logits])
+                sweep_rows.append(dict(rows=rows, k=k, chunk=chunk, chunk_warps=chunk_warps, merge_warps=merge_warps, ms=ms))
+                print(json.dumps(sweep_rows[-1]), flush=True)
     with open(os.path.join(args.out, "topk.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), vocab=args.vocab, rows=rows_out), f, indent=1)
+        json.dump(dict(device=torch.cuda.get_device_name(), vocab=args.vocab, rows=rows_out, beam=beam_rows,
+                       sweep=sweep_rows), f, indent=1)
     print("| rows | k | fused ms | torch ms | speedup |\n|---|---|---|---|---|")
     for r in rows_out:
         print(f"| {r['rows']} | {r['k']} | {r['fused_ms']:.4f} | {r['torch_ms']:.4f} | {r['speedup']:.1f}x |")
+    print("| beam batch | parents x k | width | fused ms | torch ms |\n|---|---|---|---|---|")
+    for r in beam_rows:
+        print(f"| {r['batch']} | {r['parents']} x {r['k']} | {r['width']} | {r['fused_ms']:.4f} | {r['torch_ms']:.4f} |")
 
 
 if __name__ == "__main__":
