@@ -280,3 +280,40 @@ def test_compiled_target_of_every_supported_architecture(arch):
     output = target.generate(ids, assistant_model=draft, compile_target=True, prompt_lookup_branches=1, **kwargs)
     assert torch.equal(output, reference)
     assert kept(draft).verify.forward is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_graphed_steps_read_nothing_on_the_host(arch, monkeypatch):
+    """Everything a CUDA graph captures (the greedy draft's tree proposal with a fixed number of new
+    tokens; the verify forward with lookup chains, a chain under the draft's leaf and greedy acceptance)
+    runs on meta tensors, which have no values: so none of it waits for a device value on the host, which
+    a capture refuses. The torch reference attention reads the longest row's length on the host to skip
+    unused slots; under compilation it takes the whole cache instead, as the Triton kernels do: that is
+    the mode used here."""
+    from longspec_hf.generation.attention import longspec_attention
+    from longspec_hf.generation.tree import ChainLayout
+    from longspec_hf.generation.workspace import acquire_workspace
+
+    target = make_target(arch, seed=41)
+    draft = make_draft(target, seed=42)
+    target.to("meta")
+    draft.to("meta")
+    draft.attach_target(target)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    meta = torch.device("meta")
+    widths, chains, length = [4, 16, 16], 2, 6
+    ids = torch.empty(2, 30, dtype=torch.long, device=meta)
+    workspace = acquire_workspace(
+        target, draft, ids, tree_widths=widths, max_tree_nodes=1 + sum(widths) + (chains + 1) * length,
+        capacity=80, accept_in_graph=True, capture=False, keep=False,
+    )
+    workspace.start(ids, torch.empty(2, dtype=torch.long, device=meta), pad_token_id=0)
+    tree = workspace.drafter.propose_tree(workspace.tokens, workspace.seq_len, workspace.pad_start, new_tokens_bound=4)
+    assert tree.level_sizes == widths
+    layout = ChainLayout.build(widths, chains, length, meta, leaf_length=length)
+    for chain_tokens, chain_layout in ((None, None), (torch.empty(2, chains, length, dtype=torch.long, device=meta), layout)):
+        nodes = tree.num_nodes if chain_layout is None else chain_layout.num_nodes
+        workspace.cache.begin_tree(nodes)
+        with longspec_attention(target):
+            verified, logits, acceptance = workspace.verify(tree, chain_tokens, chain_layout)
+        assert logits.shape[:2] == (2, nodes) and acceptance.new_tokens.shape == (2, 1 + verified.max_depth)
