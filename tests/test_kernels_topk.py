@@ -81,17 +81,21 @@ BEAM_CASES = {
     "tree_level": (3, 16, 16, 16, 1),
     "ragged_pairs": (2, 5, 3, 7, 2),
     "ties": (2, 6, 4, 10, 3),
+    "parents_sliced_from_the_tree": (2, 16, 16, 16, 5),
 }
 
 
 def beam_inputs(batch: int, parents: int, children: int, seed: int):
     """Each parent's children sorted best first (as `topk_log_softmax` gives them), distinct tokens per
-    row; the "ties" seed rounds the scores to quarters so that many cumulative scores are equal."""
+    row; the "ties" seed rounds the scores to quarters so that many cumulative scores are equal, and
+    seed 5 gives the parents' scores as a column slice of a wider tensor (as the tree's scores are)."""
     gen = torch.Generator().manual_seed(seed)
     child_scores = -torch.rand(batch, parents, children, generator=gen).mul(6)
     parent_scores = -torch.rand(batch, parents, generator=gen).mul(6)
     if seed == 3:
         child_scores, parent_scores = (child_scores * 4).round() / 4, (parent_scores * 4).round() / 4
+    if seed == 5:
+        parent_scores = torch.cat([torch.zeros(batch, 3), parent_scores, torch.zeros(batch, 2)], dim=1)[:, 3:-2]
     child_scores = child_scores.sort(dim=-1, descending=True).values
     child_tokens = torch.stack([torch.randperm(1000, generator=gen)[: parents * children] for _ in range(batch)])
     return child_scores, child_tokens.view(batch, parents, children), parent_scores

@@ -154,4 +154,3 @@ class GraphedVerify:
         inputs, call = self.graphs[shape]
         inputs.update(**inputs_now)
         return call()
-

@@ -76,6 +76,15 @@ def prefix_visibility(prefix_start: torch.Tensor, prefix_end: torch.Tensor, num_
     return ((slots >= prefix_start[:, None]) & (slots < prefix_end[:, None]))[:, None, :]
 
 
+def _slots_to_read(key: torch.Tensor, end: torch.Tensor) -> int:
+    """How many leading cache slots of `key` `(B, Hkv, S, D)` to attend over: only slots below the longest
+    row's `end` can be visible, so eagerly the preallocated tail is skipped; compiled code cannot wait
+    for that value and takes the whole cache."""
+    if torch.compiler.is_compiling():
+        return key.shape[2]
+    return int(end.max()) if end.numel() else 0
+
+
 def prefix_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -87,8 +96,7 @@ def prefix_attention(
     """Attention of `query` `(B, Hq, Tq, D)` over the slots `[start[b], end[b])` of `key`/`value`
     `(B, Hkv, S, D)`, every query of row `b` seeing all of them. Returns `out` `(B, Hq, Tq, D)` and
     `lse` `(B, Hq, Tq)` (float32). Every row needs at least one slot."""
-    # Eagerly, read no slot past the longest row; compiled code cannot wait for that value.
-    num_slots = key.shape[2] if torch.compiler.is_compiling() else int(end.max()) if end.numel() else 0
+    num_slots = _slots_to_read(key, end)
     visible = prefix_visibility(start, end, num_slots)
     return attention_with_lse(query, key[:, :, :num_slots], value[:, :, :num_slots], visible, scale)
 
@@ -119,12 +127,7 @@ def prefix_tree_attention(
     Returns:
         `out` `(B, Hq, Tq, D)` and `lse` `(B, Hq, Tq)` (float32) of attention over both parts together.
     """
-    # Only slots below the longest row's end can be visible: skip the preallocated tail (eagerly;
-    # compiled code cannot wait for that value).
-    if torch.compiler.is_compiling():
-        num_slots = key_prefix.shape[2]
-    else:
-        num_slots = int(prefix_end.max()) if prefix_end.numel() else 0
+    num_slots = _slots_to_read(key_prefix, prefix_end)
     prefix_visible = prefix_visibility(prefix_start, prefix_end, num_slots)
     out_p, lse_p = attention_with_lse(
         query, key_prefix[:, :, :num_slots], value_prefix[:, :, :num_slots], prefix_visible, scale

@@ -46,6 +46,14 @@ def _take_largest(values, positions, taken, valid):
     return best, position
 
 
+@triton.jit
+def _pop_largest(values, slots, taken, valid, payload):
+    """`_take_largest` over `slots`, plus the `payload` entry at the taken slot, and `taken` updated."""
+    best, slot = _take_largest(values, slots, taken, valid)
+    item = tl.sum(tl.where(slots == slot, payload, 0), axis=0)
+    return best, slot, item, tl.where(slots == slot, 1, taken)
+
+
 @triton.jit(do_not_specialize=["vocab"])
 def _chunk_topk_kernel(
     Logits, Cand_value, Cand_index, Chunk_max, Chunk_sum,
@@ -96,11 +104,9 @@ def _merge_topk_kernel(
     # Candidates are ordered by chunk, then rank: the lowest slot among equal values has the lowest index.
     taken = tl.zeros([BLOCK_CANDIDATES], dtype=tl.int32)
     for rank in tl.static_range(K):
-        best, slot = _take_largest(values, slots, taken, valid)
-        index = tl.sum(tl.where(slots == slot, indices, 0), axis=0)
+        best, slot, index, taken = _pop_largest(values, slots, taken, valid, indices)
         tl.store(Out_value + row * stride_or + rank * stride_ok, best - log_normalizer)
         tl.store(Out_index + row * stride_or + rank * stride_ok, index.to(tl.int64))
-        taken = tl.where(slots == slot, 1, taken)
 
 
 INTERPRETED = type(_chunk_topk_kernel).__name__ == "InterpretedFunction"
@@ -156,7 +162,7 @@ def topk_log_softmax(
 @triton.jit
 def _beam_select_kernel(
     Child_value, Child_token, Parent_score, Out_token, Out_parent, Out_score,
-    num_parents, per_parent,
+    num_parents, per_parent, stride_pb, stride_pn,
     WIDTH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Program (batch row): the `WIDTH` best of its `num_parents * per_parent` (parent, child) pairs,
@@ -168,15 +174,14 @@ def _beam_select_kernel(
     parent = slots // per_parent
     child = tl.load(Child_value + row * num_pairs + slots, mask=valid, other=float("-inf"))
     tokens = tl.load(Child_token + row * num_pairs + slots, mask=valid, other=0)
-    scores = tl.load(Parent_score + row * num_parents + parent, mask=valid, other=float("-inf")) + child
+    scores = tl.load(Parent_score + row * stride_pb + parent * stride_pn, mask=valid, other=float("-inf")) + child
     taken = tl.zeros([BLOCK], dtype=tl.int32)
     for rank in tl.static_range(WIDTH):
-        best, slot = _take_largest(scores, slots, taken, valid)
+        best, slot, token, taken = _pop_largest(scores, slots, taken, valid, tokens)
         out = row * WIDTH + rank
         tl.store(Out_score + out, best)
-        tl.store(Out_token + out, tl.sum(tl.where(slots == slot, tokens, 0), axis=0))
+        tl.store(Out_token + out, token)
         tl.store(Out_parent + out, (slot // per_parent).to(tl.int64))
-        taken = tl.where(slots == slot, 1, taken)
 
 
 def beam_select_unsupported_reason(child_scores: torch.Tensor, width: int) -> str | None:
@@ -204,10 +209,13 @@ def beam_select(
     scores = torch.empty(batch, width, dtype=torch.float32, device=device)
     if batch == 0:
         return tokens, parents, scores
+    # The parents' scores are a slice of the tree's (read in place); the children come contiguous from
+    # the top-k.
+    parent_scores = parent_scores.float()
     _beam_select_kernel[(batch,)](
-        child_scores.float().contiguous(), child_tokens.contiguous(), parent_scores.float().contiguous(),
+        child_scores.float().contiguous(), child_tokens.contiguous(), parent_scores,
         tokens, parents, scores,
-        num_parents, per_parent,
+        num_parents, per_parent, *parent_scores.stride(),
         WIDTH=width, BLOCK=max(16, triton.next_power_of_2(num_parents * per_parent)),
         num_warps=1 if num_parents * per_parent <= 512 else 4,
     )
