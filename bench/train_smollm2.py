@@ -12,6 +12,11 @@ Stage 1 (2k tokens, Anchor-Offset positions) and stage 2 (8k tokens, from stage 
     PYTHONPATH=.:/tmp/site python bench/train_smollm2.py --sequence-length 8192 --batch-size 2 \\
         --max-steps 300 --learning-rate 3e-4 --init-from $OUT/stage1 --name stage2
 
+Stage 3 (the bundled draft): 2k tokens again from stage 2, the files shuffled with another seed:
+
+    PYTHONPATH=.:/tmp/site python bench/train_smollm2.py --max-steps 2200 --max-train-sequences 12000 \\
+        --learning-rate 5e-4 --seed 1 --init-from $OUT/stage2 --name stage3
+
 Anchor-Offset ablation at equal steps: the same command with `--no-anchor-offset`.
 """
 

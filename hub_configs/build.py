@@ -32,21 +32,22 @@ TARGETS: dict[str, dict[str, Any]] = {
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
         license="apache-2.0", context="8k", published=True,
         training=(
-            'Trained with `bench/train_smollm2.py` of longspec-hf on an H100, the target frozen in bf16, KL loss to\n'
-            "the target's distribution, cross-attention lag drawn from 1-4 per sequence, AdamW with warm-up and\n"
+            'Trained with `bench/train_smollm2.py` of longspec-hf on an H100 (stage 3 on an H200), the target frozen\n'
+            "in bf16, KL loss to the target's distribution, cross-attention lag drawn from 1-4 per sequence, AdamW with warm-up and\n"
             'cosine decay (`train_log.jsonl`, one line per log step with its stage):\n'
             '\n'
             '1. 2000 steps of batch 8 x 2048 tokens (33M tokens) at learning rate 1e-3, Anchor-Offset position ids\n'
             '   over 8192 positions;\n'
-            '2. 300 steps of batch 2 x 8192 tokens at 3e-4, starting from stage 1.\n'
+            '2. 300 steps of batch 2 x 8192 tokens at 3e-4, starting from stage 1;\n'
+            '3. 2200 steps of batch 8 x 2048 tokens (12k sequences, the files shuffled with another seed) at 5e-4,\n'
+            '   starting from stage 2.\n'
             '\n'
             'Training text: whole Python source files of transformers, torch, numpy, sympy, networkx, accelerate,\n'
             'peft, huggingface_hub, triton, jinja2, safetensors, tokenizers and gguf. Held-out text (never trained\n'
-            "on): the Python standard library. There the draft agrees with the target's next token 43% of the time\n"
-            '(lag 1), and greedy decoding with the default tree, 256 new tokens, bf16, accepts on average 4.55,\n'
-            '3.77 and 4.53 tokens per target forward at 1k, 4k and 7.5k prompt tokens (three prompts each); on the\n'
-            "H100 with CUDA graphs that is 14-21x transformers' autoregressive `generate` (BENCHMARKS.md of\n"
-            'longspec-hf).'
+            "on): the Python standard library. There the draft agrees with the target's next token 46% of the time\n"
+            '(lag 1; 43% after stage 2), and greedy decoding with the default tree, 256 new tokens, bf16, accepts on\n'
+            'average 4.67, 4.58 and 4.22 tokens per target forward at 1k, 4k and 7.5k prompt tokens (three prompts\n'
+            'each; 4.57, 4.20 and 4.31 after stage 2 in the same run). Speed figures: BENCHMARKS.md of longspec-hf.'
         ),
     ),
     "lmsys/vicuna-7b-v1.5-16k": dict(

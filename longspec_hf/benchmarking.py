@@ -21,9 +21,12 @@ what the graphs save. Every LongSpec method but the eager ones uses them on a CU
 `longspec_*_compiled_all` ones the target's verify forward too (`compile_target=True`), the no-draft loop
 included.
 
-For each method: tokens/s, speedups over both transformers baselines, mean accepted tokens per round
-(tau) with a histogram of accepted lengths, and whether the tokens equal the autoregressive output (else
-the common-prefix length).
+For each method: tokens/s, speedups over both transformers baselines and over the no-draft loop that runs
+on the same infrastructure (`longspec_tree_compiled_all` against `longspec_no_draft_compiled_all`, an eager
+method against `longspec_no_draft_eager`, the others against `longspec_no_draft`), mean accepted tokens
+per round (tau) with a histogram of accepted lengths, and whether the tokens equal the reference output
+(else the common-prefix length): transformers' autoregressive `generate` when it runs, else the first
+method.
 """
 
 from __future__ import annotations
@@ -98,7 +101,8 @@ class Measurement:
     tokens_per_s: float
     seconds: float
     new_tokens: int
-    equal_to_autoregressive: bool
+    reference: str  # the method whose output this one is compared with
+    equal_to_reference: bool
     common_prefix: int
     tau: float | None = None
     accepted_lengths: list[int] = field(default_factory=list)
@@ -112,6 +116,20 @@ class StopAfter(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, device=input_ids.device)
+
+
+def reference_method(methods: tuple[str, ...] | list[str]) -> str:
+    """The method every output is compared with: transformers' autoregressive `generate` when it runs."""
+    return "hf_autoregressive" if "hf_autoregressive" in methods else methods[0]
+
+
+def no_draft_baseline(method: str) -> str:
+    """The no-draft loop on the same infrastructure as `method` (CUDA graphs or not, compiled target or not);
+    compiling the draft alone changes nothing for a loop without one."""
+    for suffix in ("_eager", "_compiled_all"):
+        if method.endswith(suffix):
+            return "longspec_no_draft" + suffix
+    return "longspec_no_draft"
 
 
 def _synchronize(device: torch.device) -> None:
@@ -135,7 +153,11 @@ def run_benchmark(
 ) -> list[Measurement]:
     """Time every method on every prompt (`prompts[context]` = list of `(1, context)` id tensors)."""
     device = target.device
-    warm = torch.randint(100, 1000, (1, 64), device=device)
+    reference_name = reference_method(methods)
+    # The reference runs first on every prompt, so every other output is compared with it.
+    methods = (reference_name, *(m for m in methods if m != reference_name))
+    vocab_size = target.get_output_embeddings().weight.shape[0]
+    warm = torch.randint(min(100, vocab_size // 2), min(1000, vocab_size), (1, 64), device=device)
     for name in methods:
         target.generate(warm, max_new_tokens=16, do_sample=False, **method_kwargs(name, draft))
     results = []
@@ -175,7 +197,8 @@ def run_benchmark(
                     tokens_per_s=generated.shape[1] / seconds,
                     seconds=seconds,
                     new_tokens=generated.shape[1],
-                    equal_to_autoregressive=bool(torch.equal(generated, reference)),
+                    reference=reference_name,
+                    equal_to_reference=bool(torch.equal(generated, reference)),
                     common_prefix=_common_prefix(generated, reference),
                     tau=stats.mean_accepted_length if stats is not None else None,
                     accepted_lengths=list(stats.accepted_lengths) if stats is not None else [],
@@ -189,7 +212,8 @@ def run_benchmark(
 
 
 def summary_rows(results: list[Measurement]) -> list[dict]:
-    """One row per (context, method): medians over prompts and speedups against both transformers baselines."""
+    """One row per (context, method): medians over prompts; speedups against both transformers baselines and
+    the no-draft loop of the same infrastructure ([`no_draft_baseline`]), None where that did not run."""
     rows = []
     for context in sorted({r.context for r in results}):
         at_context = [r for r in results if r.context == context]
@@ -198,10 +222,11 @@ def summary_rows(results: list[Measurement]) -> list[dict]:
             values = [r.tokens_per_s for r in at_context if r.method == method]
             return statistics.median(values) if values else None
 
-        autoregressive, lookup, no_draft = (median_tps(m) for m in METHODS[:3])
+        autoregressive, lookup = median_tps("hf_autoregressive"), median_tps("hf_prompt_lookup")
         for method in dict.fromkeys(r.method for r in at_context):
             runs = [r for r in at_context if r.method == method]
             tps = median_tps(method)
+            no_draft = median_tps(no_draft_baseline(method))
             taus = [r.tau for r in runs if r.tau is not None]
             rows.append(
                 {
@@ -211,8 +236,10 @@ def summary_rows(results: list[Measurement]) -> list[dict]:
                     "vs_hf_autoregressive": tps / autoregressive if autoregressive else None,
                     "vs_hf_prompt_lookup": tps / lookup if lookup else None,
                     "vs_longspec_no_draft": tps / no_draft if no_draft else None,
+                    "no_draft_method": no_draft_baseline(method) if no_draft else None,
                     "tau": statistics.mean(taus) if taus else None,
-                    "equal": sum(r.equal_to_autoregressive for r in runs),
+                    "reference": runs[0].reference,
+                    "equal": sum(r.equal_to_reference for r in runs),
                     "runs": len(runs),
                     "common_prefix": [r.common_prefix for r in runs],
                 }
@@ -224,8 +251,9 @@ def markdown_table(rows: list[dict]) -> str:
     def ratio(value: float | None) -> str:
         return f"{value:.2f}x" if value is not None else "-"
 
+    reference = rows[0]["reference"] if rows else "hf_autoregressive"
     lines = [
-        "| context | method | tok/s | vs HF AR | vs HF lookup | vs no-draft loop | tau | equal to AR (common prefix) |",
+        f"| context | method | tok/s | vs HF AR | vs HF lookup | vs no-draft loop | tau | equal to {reference} (common prefix) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -256,24 +284,32 @@ def write_report(results: list[Measurement], out_dir: str | Path, meta: dict | N
     except ImportError:
         return files
     contexts = sorted({r["context"] for r in rows})
+    # Speedups over transformers' generate when it ran, else over the matching no-draft loop.
+    baseline, baseline_label = (
+        ("vs_hf_autoregressive", "HF autoregressive")
+        if any(r["vs_hf_autoregressive"] is not None for r in rows)
+        else ("vs_longspec_no_draft", "the no-draft loop")
+    )
     figure, (speed, speedup) = plt.subplots(1, 2, figsize=(11, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
         points = [(r["context"], r) for r in rows if r["method"] == method]
         speed.plot([c for c, _ in points], [r["tokens_per_s"] for _, r in points], marker="o", label=method)
-        speedup.plot([c for c, _ in points], [r["vs_hf_autoregressive"] for _, r in points], marker="o", label=method)
+        ratios = [float("nan") if r[baseline] is None else r[baseline] for _, r in points]
+        speedup.plot([c for c, _ in points], ratios, marker="o", label=method)
     speed.set(xlabel="prompt tokens", ylabel="tokens/s", xticks=contexts, title="decoding speed")
-    speedup.set(xlabel="prompt tokens", ylabel="speedup over HF autoregressive", xticks=contexts, title="speedup")
+    speedup.set(xlabel="prompt tokens", ylabel=f"speedup over {baseline_label}", xticks=contexts, title="speedup")
     speed.legend(fontsize=8)
     figure.tight_layout()
     files["speed_plot"] = out / "speed.png"
     figure.savefig(files["speed_plot"], dpi=120)
     plt.close(figure)
-    counts = Counter(n for r in results if r.method == "longspec_tree" for n in r.accepted_lengths)
+    tree_method = next((r.method for r in results if r.method.startswith("longspec_tree")), None)
+    counts = Counter(n for r in results if r.method == tree_method for n in r.accepted_lengths)
     if counts:
         figure, axis = plt.subplots(figsize=(5, 3.5))
         lengths = sorted(counts)
         axis.bar(lengths, [counts[n] for n in lengths])
-        axis.set(xlabel="tokens gained per round", ylabel="rounds", title="LongSpec tree: accepted lengths")
+        axis.set(xlabel="tokens gained per round", ylabel="rounds", title=f"{tree_method}: accepted lengths")
         figure.tight_layout()
         files["histogram"] = out / "accepted_lengths.png"
         figure.savefig(files["histogram"], dpi=120)
