@@ -72,8 +72,8 @@ def test_ngram_index_matches_the_brute_force_ranking_while_it_grows():
 
 def test_chain_layout_merges_like_the_reference_walk():
     """The precomputed layout gives every node the parent, depth and ancestors its chain position implies."""
-    tree = DraftTree.root_only(torch.tensor([3]))
-    tree.add_level(torch.tensor([[10, 11]]), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2))
+    tree = DraftTree.empty(torch.tensor([3]), [2])
+    tree.fill_level(1, torch.tensor([[10, 11]]), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2))
     layout = ChainLayout.build(tree.level_sizes, num_chains=2, length=3, device=torch.device("cpu"))
     merged = layout.merge(tree, torch.tensor([[[30, 31, 32], [40, 41, 42]]]))
     assert merged.level_sizes == [4, 2, 2]
@@ -90,9 +90,9 @@ def test_chain_layout_merges_like_the_reference_walk():
 
 
 def test_chains_join_the_tree_level_by_level():
-    tree = DraftTree.root_only(torch.tensor([3, 4]))
-    tree.add_level(torch.tensor([[10, 11], [12, 13]]), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2))
-    tree.add_level(torch.tensor([[20], [21]]), torch.tensor([[2], [1]]), torch.zeros(2, 1))
+    tree = DraftTree.empty(torch.tensor([3, 4]), [2, 1])
+    tree.fill_level(1, torch.tensor([[10, 11], [12, 13]]), torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2))
+    tree.fill_level(2, torch.tensor([[20], [21]]), torch.tensor([[1], [0]]), torch.zeros(2, 1))
     merged = tree.add_chains(torch.tensor([[[30, 31, 32]], [[40, 41, 42]]]))
     assert merged.level_sizes == [3, 2, 1]
     assert merged.tokens.tolist() == [[3, 10, 11, 30, 20, 31, 32], [4, 12, 13, 40, 21, 41, 42]]
@@ -109,12 +109,12 @@ def test_chains_join_the_tree_level_by_level():
 def test_leaf_chain_hangs_under_each_rows_best_deepest_node():
     """A leaf chain continues the path of the draft's most likely deepest node (a different node per row):
     right parents, depths and ancestors, and acceptance can run along the draft path into the chain."""
-    tree = DraftTree.root_only(torch.tensor([3, 4]))
+    tree = DraftTree.empty(torch.tensor([3, 4]), [2, 2])
     level_one_scores = torch.tensor([[-1.0, -2.0]] * 2)
-    tree.add_level(torch.tensor([[10, 11], [12, 13]]), torch.zeros(2, 2, dtype=torch.long), level_one_scores)
+    tree.fill_level(1, torch.tensor([[10, 11], [12, 13]]), torch.zeros(2, 2, dtype=torch.long), level_one_scores)
     # Row 0's best leaf is node 4 (under 2), row 1's is node 3 (under 1).
     level_two_scores = torch.tensor([[-3.0, -2.5], [-2.0, -4.0]])
-    tree.add_level(torch.tensor([[20, 21], [22, 23]]), torch.tensor([[1, 2], [1, 2]]), level_two_scores)
+    tree.fill_level(2, torch.tensor([[20, 21], [22, 23]]), torch.tensor([[0, 1], [0, 1]]), level_two_scores)
     leaf, suffix = best_leaf_suffix(tree, ngram=3)
     assert leaf.tolist() == [4, 3]
     assert suffix.tolist() == [[3, 11, 21], [4, 12, 22]]
@@ -148,11 +148,12 @@ def test_verify_graph_tree_steps_read_nothing_on_the_host():
     meta tensors, which have no values: so none of it reads a device value on the host, which a CUDA
     graph capture would refuse (a scalar tensor used as an index did)."""
     meta = torch.device("meta")
-    tree = DraftTree.root_only(torch.empty(2, dtype=torch.long, device=meta))
-    for width, parents_per_level in ((2, 1), (3, 2)):
-        tree.add_level(
+    tree = DraftTree.empty(torch.empty(2, dtype=torch.long, device=meta), [2, 3])
+    for level, width in enumerate(tree.level_sizes, start=1):
+        tree.fill_level(
+            level,
             torch.empty(2, width, dtype=torch.long, device=meta),
-            torch.zeros(2, width, dtype=torch.long, device=meta) + tree.level_slice(tree.max_depth).start,
+            torch.zeros(2, width, dtype=torch.long, device=meta),
             torch.empty(2, width, device=meta),
         )
     layout = ChainLayout.build(tree.level_sizes, num_chains=2, length=4, device=meta, leaf_length=3)

@@ -16,7 +16,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.logits_process import LogitsProcessorList
 
 from ..modeling import LongSpecDraftModel, TargetKV
-from .tree import DraftTree, expand_level, expand_level_greedy
+from .tree import DraftTree, beam_level_sizes, expand_level, expand_level_greedy
 
 
 def target_kv_from_cache(cache: Cache) -> TargetKV:
@@ -128,7 +128,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv, new_tokens_bound, root_pass)
         root_tokens = tokens.gather(1, (seq_len - 1)[:, None])[:, 0]
         root_position = seq_len - 1 - pad_start
-        tree = DraftTree.root_only(root_tokens)
+        tree = DraftTree.empty(root_tokens, beam_level_sizes(widths, root_logits.shape[-1]))
         # Greedy trees need only each node's top children; sampling keeps every non-leaf q on the tree.
         greedy = draft_warpers is None and not sample_children
         logits = root_logits[:, None]  # (B, 1, V)
@@ -143,7 +143,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
                 new_tokens, parent_local, scores = expand_level(
                     log_probs, parent_scores, width, sample_children=sample_children
                 )
-            tree.add_level(new_tokens, parent_local + parents.start, scores)
+            tree.fill_level(level, new_tokens, parent_local, scores)
             if level == len(widths):
                 break
             nodes = tree.level_slice(level)

@@ -54,34 +54,44 @@ class DraftTree:
 
     @classmethod
     def root_only(cls, root_tokens: torch.Tensor) -> "DraftTree":
-        batch = root_tokens.shape[0]
-        device = root_tokens.device
-        return cls(
-            tokens=root_tokens[:, None].clone(),
-            parents=torch.zeros(batch, 1, dtype=torch.long, device=device),
-            depths=torch.zeros(1, dtype=torch.long, device=device),
-            log_probs=torch.zeros(batch, 1, device=device),
-            ancestors=torch.ones(batch, 1, 1, dtype=torch.bool, device=device),
-        )
+        """The roots `(B,)` alone: a tree of depth 0."""
+        return cls.empty(root_tokens, [])
 
-    def add_level(self, tokens: torch.Tensor, parents: torch.Tensor, log_probs: torch.Tensor) -> None:
-        """Append one level: `(B, n)` tokens, parent node indices and cumulative log-probs."""
-        batch, size = tokens.shape
-        start = self.num_nodes
-        device = tokens.device
-        self.tokens = torch.cat([self.tokens, tokens], dim=1)
-        self.parents = torch.cat([self.parents, parents], dim=1)
-        self.log_probs = torch.cat([self.log_probs, log_probs], dim=1)
-        self.depths = torch.cat([self.depths, torch.full((size,), len(self.level_sizes) + 1, device=device)])
-        total = start + size
-        ancestors = torch.zeros(batch, total, total, dtype=torch.bool, device=device)
-        ancestors[:, :start, :start] = self.ancestors
-        # A new node sees what its parent sees, plus itself.
-        parent_rows = self.ancestors.gather(1, parents[..., None].expand(-1, -1, start))
-        ancestors[:, start:, :start] = parent_rows
-        ancestors.diagonal(dim1=1, dim2=2)[:, start:].fill_(True)
-        self.ancestors = ancestors
-        self.level_sizes.append(size)
+    @classmethod
+    def empty(cls, root_tokens: torch.Tensor, level_sizes: list[int]) -> "DraftTree":
+        """The roots `(B,)` with room for levels of `level_sizes` nodes below them, for `fill_level` to fill
+        in order. Every buffer has its final size from the start, so drafting a level writes a few slices
+        in place instead of growing five tensors: fewer and smaller kernels in the draft's CUDA graph."""
+        batch, device = root_tokens.shape[0], root_tokens.device
+        num_nodes = 1 + sum(level_sizes)
+        tokens = root_tokens.new_empty(batch, num_nodes)
+        tokens[:, 0] = root_tokens
+        ancestors = torch.zeros(batch, num_nodes, num_nodes, dtype=torch.bool, device=device)
+        ancestors[:, 0, 0] = True
+        tree = cls(
+            tokens=tokens,
+            parents=torch.zeros(batch, num_nodes, dtype=torch.long, device=device),
+            depths=torch.empty(num_nodes, dtype=torch.long, device=device),
+            log_probs=torch.zeros(batch, num_nodes, device=device),
+            ancestors=ancestors,
+            level_sizes=list(level_sizes),
+        )
+        for level in range(tree.max_depth + 1):
+            tree.depths[tree.level_slice(level)] = level
+        return tree
+
+    def fill_level(self, level: int, tokens: torch.Tensor, parent_local: torch.Tensor, log_probs: torch.Tensor) -> None:
+        """Write level `level` (1-based; the levels above it are filled): `(B, n)` tokens, parents as
+        indices into level `level - 1`, and cumulative log-probs."""
+        nodes, parent_level = self.level_slice(level), self.level_slice(level - 1)
+        self.tokens[:, nodes] = tokens
+        parents = self.parents[:, nodes]
+        torch.add(parent_local, parent_level.start, out=parents)
+        self.log_probs[:, nodes] = log_probs
+        # A node sees what its parent sees (only earlier levels can be set there), plus itself.
+        earlier = self.ancestors[:, :, : nodes.start]
+        self.ancestors[:, nodes, : nodes.start] = earlier.gather(1, parents[..., None].expand(-1, -1, nodes.start))
+        self.ancestors[:, nodes, nodes].diagonal(dim1=1, dim2=2).fill_(True)
 
     def add_chains(self, chains: torch.Tensor) -> "DraftTree":
         """A new tree with `K` chains of `L` tokens hung under the root (see [`ChainLayout`]).
@@ -251,6 +261,15 @@ class ChainLayout:
             draft_log_probs=list(tree.draft_log_probs),
             retrieval=self.retrieval.expand(batch, -1),
         )
+
+
+def beam_level_sizes(widths: list[int], vocab_size: int) -> list[int]:
+    """Nodes per level of a tree drafted with `widths` (`expand_level` keeps at most every (parent, token)
+    pair, so a level is narrower than its width when the vocabulary is tiny)."""
+    sizes: list[int] = []
+    for width in widths:
+        sizes.append(min(width, (sizes[-1] if sizes else 1) * vocab_size))
+    return sizes
 
 
 def expand_level(
