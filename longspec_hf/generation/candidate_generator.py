@@ -62,15 +62,16 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         self._compiled_passes: tuple[Callable, Callable] | None = None
 
     def _block_passes(self, compiled: bool) -> tuple[Callable, Callable]:
-        """The draft's root pass and tree-level pass, eager or through `torch.compile` (made once)."""
+        """The draft's root step ([`_feed_ring_and_query_root`]) and tree-level pass, eager or through
+        `torch.compile` (made once)."""
         if not compiled:
-            return self.draft.append_and_query_root, self.draft.query_tree_level
+            return self._feed_ring_and_query_root, self.draft.query_tree_level
         if self._compiled_passes is None:
             # Shapes are fixed per tree (one specialisation per level), except the target cache's
             # capacity, which `propose_tree` marks dynamic. Inductor fuses the block's norms, rotary
-            # embeddings, masks and residuals into a few kernels.
+            # embeddings, masks and residuals, and the root step's index arithmetic, into a few kernels.
             self._compiled_passes = (
-                torch.compile(self.draft.append_and_query_root, dynamic=False),
+                torch.compile(self._feed_ring_and_query_root, dynamic=False),
                 torch.compile(self.draft.query_tree_level, dynamic=False),
             )
         return self._compiled_passes
@@ -118,14 +119,16 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         if not widths:
             return DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
         target_kv = self.target_kv()
-        root_pass, level_pass = self._block_passes(compiled)
+        root_step, level_pass = self._block_passes(compiled)
         if compiled:
             # The target cache's capacity changes with every prompt length: one compiled graph serves
             # them all instead of a recompilation per capacity (the compiled code never reads the
-            # cache itself; the attention kernel takes the committed slots from the lengths).
+            # cache itself; the attention kernel takes the committed slots from the lengths). So does
+            # the token buffer's.
             for tensor in (target_kv.key, target_kv.value):
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
-        root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv, new_tokens_bound, root_pass)
+            torch._dynamo.maybe_mark_dynamic(tokens, 1)
+        root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv, new_tokens_bound, root_step)
         root_tokens = tokens.gather(1, (seq_len - 1)[:, None])[:, 0]
         root_position = seq_len - 1 - pad_start
         tree = DraftTree.empty(root_tokens, beam_level_sizes(widths, root_logits.shape[-1]))
@@ -163,8 +166,9 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         first when more came in (the prompt, rounds without drafting). Arguments as in `propose_tree`.
         """
         if self.tree_widths:
-            root_pass = self.draft.append_and_query_root
-            self._consume_committed(tokens, seq_len, pad_start, self.target_kv(), new_tokens_bound, root_pass)
+            self._consume_committed(
+                tokens, seq_len, pad_start, self.target_kv(), new_tokens_bound, self._feed_ring_and_query_root
+            )
 
     @staticmethod
     def _draft_log_probs(logits: torch.Tensor, draft_warpers: LogitsProcessorList | None) -> torch.Tensor:
@@ -184,25 +188,35 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         pad_start: torch.Tensor,
         target_kv: TargetKV,
         new_tokens_bound: int | None,
-        root_pass: Callable[..., torch.Tensor],
+        root_step: Callable[..., torch.Tensor],
     ) -> torch.Tensor:
         """Feed each row's tokens the ring has not seen (at least the root); return the root's logits."""
-        cache = self.cache
-        window = cache.window
-        first = torch.maximum(torch.minimum(cache.seen_len, seq_len - 1), (seq_len - window).clamp(min=0))
-        first = torch.maximum(first, pad_start)
         if new_tokens_bound is None:
-            chunk = int((seq_len - first).max())
+            chunk = int((seq_len - self._first_unseen(seq_len, pad_start)).max())
         else:
-            chunk = min(max(1, new_tokens_bound), window)
+            chunk = min(max(1, new_tokens_bound), self.cache.window)
+        return root_step(tokens, seq_len, pad_start, target_kv, chunk)
+
+    def _first_unseen(self, seq_len: torch.Tensor, pad_start: torch.Tensor) -> torch.Tensor:
+        """`(B,)` each row's first token the ring has not seen (within the window, past the padding)."""
+        cache = self.cache
+        first = torch.maximum(torch.minimum(cache.seen_len, seq_len - 1), (seq_len - cache.window).clamp(min=0))
+        return torch.maximum(first, pad_start)
+
+    def _feed_ring_and_query_root(
+        self, tokens: torch.Tensor, seq_len: torch.Tensor, pad_start: torch.Tensor, target_kv: TargetKV, chunk: int
+    ) -> torch.Tensor:
+        """Feed the last `chunk` tokens of every row to the ring (those it has seen already are padding);
+        `(B, V)` logits of each row's root. Shapes depend only on `chunk`: compiled as one piece."""
+        first = self._first_unseen(seq_len, pad_start)
         # The chunk ends at each row's root; entries before the row's first unseen token are padding.
         slots = (seq_len - chunk)[:, None] + torch.arange(chunk, device=tokens.device)
         valid = slots >= first[:, None]
         slots = torch.maximum(slots, first[:, None])
-        logits = root_pass(
-            tokens.gather(1, slots), slots - pad_start[:, None], valid, cache, target_kv
+        logits = self.draft.append_and_query_root(
+            tokens.gather(1, slots), slots - pad_start[:, None], valid, self.cache, target_kv
         )
-        cache.seen_len.copy_(seq_len)
+        self.cache.seen_len.copy_(seq_len)
         return logits
 
     # ----- transformers CandidateGenerator API (batch size 1, chains) --------------------------------------
