@@ -62,17 +62,18 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         self._compiled_passes: tuple[Callable, Callable] | None = None
 
     def _block_passes(self, compiled: bool) -> tuple[Callable, Callable]:
-        """The draft's root step ([`_feed_ring_and_query_root`]) and tree-level pass, eager or through
-        `torch.compile` (made once)."""
+        """The draft's root step ([`_feed_ring_and_query_root`]) and level step ([`_fill_and_query_level`]),
+        eager or through `torch.compile` (made once)."""
         if not compiled:
-            return self._feed_ring_and_query_root, self.draft.query_tree_level
+            return self._feed_ring_and_query_root, self._fill_and_query_level
         if self._compiled_passes is None:
             # Shapes are fixed per tree (one specialisation per level), except the target cache's
             # capacity, which `propose_tree` marks dynamic. Inductor fuses the block's norms, rotary
-            # embeddings, masks and residuals, and the root step's index arithmetic, into a few kernels.
+            # embeddings, masks and residuals, and the steps' index and tree bookkeeping, into a few
+            # kernels.
             self._compiled_passes = (
                 torch.compile(self._feed_ring_and_query_root, dynamic=False),
-                torch.compile(self.draft.query_tree_level, dynamic=False),
+                torch.compile(self._fill_and_query_level, dynamic=False),
             )
         return self._compiled_passes
 
@@ -119,7 +120,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         if not widths:
             return DraftTree.root_only(tokens.gather(1, (seq_len - 1)[:, None])[:, 0])
         target_kv = self.target_kv()
-        root_step, level_pass = self._block_passes(compiled)
+        root_step, level_step = self._block_passes(compiled)
         if compiled:
             # The target cache's capacity changes with every prompt length: one compiled graph serves
             # them all instead of a recompilation per capacity (the compiled code never reads the
@@ -146,14 +147,10 @@ class LongSpecCandidateGenerator(CandidateGenerator):
                 new_tokens, parent_local, scores = expand_level(
                     log_probs, parent_scores, width, sample_children=sample_children
                 )
-            tree.fill_level(level, new_tokens, parent_local, scores)
             if level == len(widths):
+                tree.fill_level(level, new_tokens, parent_local, scores)
                 break
-            nodes = tree.level_slice(level)
-            # Scratch slot of node i is i - 1 (the root lives in the ring).
-            visible = tree.ancestors[:, nodes, 1 : nodes.stop]
-            positions = (root_position[:, None] + level).expand_as(new_tokens)
-            logits = level_pass(new_tokens, positions, nodes.start - 1, visible, self.cache, target_kv)
+            logits = level_step(tree, level, new_tokens, parent_local, scores, root_position, target_kv)
         return tree
 
     @torch.no_grad()
@@ -218,6 +215,25 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         )
         self.cache.seen_len.copy_(seq_len)
         return logits
+
+    def _fill_and_query_level(
+        self,
+        tree: DraftTree,
+        level: int,
+        tokens: torch.Tensor,
+        parent_local: torch.Tensor,
+        scores: torch.Tensor,
+        root_position: torch.Tensor,
+        target_kv: TargetKV,
+    ) -> torch.Tensor:
+        """Write level `level` into `tree` (see `DraftTree.fill_level`) and run the draft block over its
+        nodes at their positions below each row's root (`root_position`, `(B,)`): `(B, n, V)` logits."""
+        tree.fill_level(level, tokens, parent_local, scores)
+        nodes = tree.level_slice(level)
+        # Scratch slot of node i is i - 1 (the root lives in the ring).
+        visible = tree.ancestors[:, nodes, 1 : nodes.stop]
+        positions = (root_position[:, None] + level).expand_as(tokens)
+        return self.draft.query_tree_level(tokens, positions, nodes.start - 1, visible, self.cache, target_kv)
 
     # ----- transformers CandidateGenerator API (batch size 1, chains) --------------------------------------
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
