@@ -108,8 +108,9 @@ class LongSpecCandidateGenerator(CandidateGenerator):
                 read from the device.
             num_levels: draft only the first `num_levels` levels of `tree_widths` (default: all); the
                 result is exactly the full tree cut at that depth.
-            compiled: run the draft block through `torch.compile` (meant for calls that repeat one
-                `new_tokens_bound`, as the graphed greedy loop does: each new shape compiles anew).
+            compiled: run the draft's root and level steps (the block with the ring and tree bookkeeping
+                around it) through `torch.compile` (meant for calls that repeat one `new_tokens_bound`,
+                as the graphed greedy loop does: each new shape compiles anew).
 
         Returns:
             A [`DraftTree`] with `1 + sum(tree_widths[:num_levels])` nodes; with no levels, just the roots
