@@ -14,6 +14,9 @@ Methods (all greedy, batch 1, the same `max_new_tokens`):
   (`prompt_lookup_length`; the default is 16).
 - `longspec_hybrid_leaf`: the hybrid tree plus a chain under the draft's best deepest node
   (`prompt_lookup_under_draft=True`).
+- `longspec_tree_deep`: a tree of seven levels (`DEEP_TREE`), two below the default's five.
+- `longspec_tree_deep_adaptive`: that tree, each round verifying as many of its levels as the measured
+  acceptance and round costs make worth it (`adaptive=True`).
 
 `longspec_*_eager` variants run the same loop without CUDA graphs (`cuda_graphs=False`), which shows
 what the graphs save. Every LongSpec method but the eager ones uses them on a CUDA target.
@@ -45,6 +48,10 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from .generation import LongSpecStats
 from .modeling import LongSpecDraftModel
 
+# Two levels of 16 below the default tree: on held-out code the default's deepest level is reached in
+# 30-58% of rounds (BENCHMARKS.md).
+DEEP_TREE = [4, 16, 16, 16, 16, 16, 16]
+
 METHODS = (
     "hf_autoregressive",
     "hf_prompt_lookup",
@@ -68,6 +75,8 @@ COMPILED_METHODS = (
     "longspec_hybrid_short_compiled_all",
     "longspec_hybrid_long_compiled_all",
     "longspec_hybrid_leaf_compiled_all",
+    "longspec_tree_deep_compiled_all",
+    "longspec_tree_deep_adaptive_compiled_all",
 )
 
 
@@ -90,6 +99,8 @@ def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
         "longspec_hybrid_short": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_length": 7},
         "longspec_hybrid_long": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_length": 12},
         "longspec_hybrid_leaf": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_under_draft": True},
+        "longspec_tree_deep": {"assistant_model": draft, "tree_widths": DEEP_TREE},
+        "longspec_tree_deep_adaptive": {"assistant_model": draft, "tree_widths": DEEP_TREE, "adaptive": True},
     }[name]
 
 

@@ -7,7 +7,18 @@ import json
 import pytest
 import torch
 
-from longspec_hf.benchmarking import Measurement, markdown_table, no_draft_baseline, run_benchmark, summary_rows, write_report
+from longspec_hf.benchmarking import (
+    COMPILED_METHODS,
+    EAGER_METHODS,
+    METHODS,
+    Measurement,
+    markdown_table,
+    method_kwargs,
+    no_draft_baseline,
+    run_benchmark,
+    summary_rows,
+    write_report,
+)
 
 from .conftest import make_draft, make_target
 
@@ -31,6 +42,16 @@ def measurement(method: str, tokens_per_s: float, context: int = 64, prompt: int
 )
 def test_no_draft_baseline_matches_the_infrastructure(method, baseline):
     assert no_draft_baseline(method) == baseline
+
+
+def test_every_listed_method_has_its_generate_arguments():
+    draft = object()
+    for name in METHODS + EAGER_METHODS + COMPILED_METHODS:
+        kwargs = method_kwargs(name, draft)
+        assert name.startswith("hf_") or kwargs["assistant_model"] is draft
+        assert kwargs.get("compile_target", False) == name.endswith("_compiled_all")
+        assert kwargs.get("cuda_graphs", True) == (not name.endswith("_eager"))
+    assert method_kwargs("longspec_tree_deep_adaptive_compiled_all", draft)["adaptive"] is True
 
 
 def test_speedups_use_the_matching_no_draft_loop_and_medians():
