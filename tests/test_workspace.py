@@ -282,6 +282,26 @@ def test_compiled_target_of_every_supported_architecture(arch):
     assert kept(draft).verify.forward is not None
 
 
+def test_compiled_draft_compiles_every_level_of_a_deep_tree():
+    """A compiled draft specialises its level step once per level (and tree shape); a tree deeper than
+    dynamo's default limit of specialisations (8) still compiles every level instead of running the
+    deepest ones eagerly, also after other trees were compiled in the same process."""
+    from torch._dynamo.utils import counters
+
+    target = make_target("llama", seed=31)
+    draft = make_draft(target, seed=32)
+    ids = torch.randint(3, target.config.vocab_size, (1, 40))
+    frames = dict(counters["frames"])
+    output = target.generate(
+        ids, assistant_model=draft, tree_widths=[1] * 11, compile_draft=True, max_new_tokens=24, do_sample=False
+    )
+    assert torch.equal(output, target.generate(ids, max_new_tokens=24, do_sample=False))
+    compiled = counters["frames"]["ok"] - frames.get("ok", 0)
+    attempted = counters["frames"]["total"] - frames.get("total", 0)
+    assert compiled == attempted >= 10  # ten levels (and the root step, unless this shape was compiled before)
+    assert torch._dynamo.config.recompile_limit == 8  # the global setting is left alone
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_graphed_steps_read_nothing_on_the_host(arch, monkeypatch):
     """Everything a CUDA graph captures (the greedy draft's tree proposal with a fixed number of new

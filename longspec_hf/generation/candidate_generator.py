@@ -30,6 +30,21 @@ def target_kv_from_cache(cache: Cache) -> TargetKV:
     return TargetKV(key=keys, value=layer.values, start=start, end=start + length)
 
 
+# How many shapes the compiled draft steps may be specialised for in one process.
+COMPILED_STEP_SPECIALISATIONS = 64
+
+
+def _with_recompile_limit(compiled: Callable[..., torch.Tensor], limit: int) -> Callable[..., torch.Tensor]:
+    """`compiled`, called with dynamo allowed `limit` specialisations of it (once per shape, then never
+    again: under a CUDA graph only the capture calls it)."""
+
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return compiled(*args, **kwargs)
+
+    return call
+
+
 class LongSpecCandidateGenerator(CandidateGenerator):
     """Drafts trees with a [`LongSpecDraftModel`] that reads the target's last-layer KV cache.
 
@@ -70,10 +85,13 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             # Shapes are fixed per tree (one specialisation per level), except the target cache's
             # capacity, which `propose_tree` marks dynamic. Inductor fuses the block's norms, rotary
             # embeddings, masks and residuals, and the steps' index and tree bookkeeping, into a few
-            # kernels.
+            # kernels. Dynamo counts specialisations per function across every drafter of the process
+            # (one per level of every tree shape and batch size); past its default limit of 8 it would
+            # run the deeper levels of a deep tree eagerly.
+            limit = max(torch._dynamo.config.recompile_limit, COMPILED_STEP_SPECIALISATIONS)
             self._compiled_passes = (
-                torch.compile(self._feed_ring_and_query_root, dynamic=False),
-                torch.compile(self._fill_and_query_level, dynamic=False),
+                _with_recompile_limit(torch.compile(self._feed_ring_and_query_root, dynamic=False), limit),
+                _with_recompile_limit(torch.compile(self._fill_and_query_level, dynamic=False), limit),
             )
         return self._compiled_passes
 
