@@ -16,6 +16,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.logits_process import LogitsProcessorList
 
 from ..modeling import LongSpecDraftModel, TargetKV
+from .compiling import compile_fixed_shapes
 from .tree import DraftTree, beam_level_sizes, expand_level, expand_level_greedy
 
 
@@ -28,21 +29,6 @@ def target_kv_from_cache(cache: Cache) -> TargetKV:
     batch, length = keys.shape[0], keys.shape[2]
     start = torch.zeros(batch, dtype=torch.long, device=keys.device)
     return TargetKV(key=keys, value=layer.values, start=start, end=start + length)
-
-
-# How many shapes the compiled draft steps may be specialised for in one process.
-COMPILED_STEP_SPECIALISATIONS = 64
-
-
-def _with_recompile_limit(compiled: Callable[..., torch.Tensor], limit: int) -> Callable[..., torch.Tensor]:
-    """`compiled`, called with dynamo allowed `limit` specialisations of it (once per shape, then never
-    again: under a CUDA graph only the capture calls it)."""
-
-    def call(*args, **kwargs):
-        with torch._dynamo.config.patch(recompile_limit=limit):
-            return compiled(*args, **kwargs)
-
-    return call
 
 
 class LongSpecCandidateGenerator(CandidateGenerator):
@@ -85,13 +71,10 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             # Shapes are fixed per tree (one specialisation per level), except the target cache's
             # capacity, which `propose_tree` marks dynamic. Inductor fuses the block's norms, rotary
             # embeddings, masks and residuals, and the steps' index and tree bookkeeping, into a few
-            # kernels. Dynamo counts specialisations per function across every drafter of the process
-            # (one per level of every tree shape and batch size); past its default limit of 8 it would
-            # run the deeper levels of a deep tree eagerly.
-            limit = max(torch._dynamo.config.recompile_limit, COMPILED_STEP_SPECIALISATIONS)
+            # kernels.
             self._compiled_passes = (
-                _with_recompile_limit(torch.compile(self._feed_ring_and_query_root, dynamic=False), limit),
-                _with_recompile_limit(torch.compile(self._fill_and_query_level, dynamic=False), limit),
+                compile_fixed_shapes(self._feed_ring_and_query_root),
+                compile_fixed_shapes(self._fill_and_query_level),
             )
         return self._compiled_passes
 

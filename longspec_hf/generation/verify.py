@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from ..modeling import cache_keyword
 from .attention import LongSpecAttentionInputs
 from .cache import LongSpecCache
+from .compiling import compile_fixed_shapes
 from .cuda_graphs import GraphedCall, StaticInputs
 from .retrieval import best_leaf_suffix, latest_continuation
 from .tree import ChainLayout, DraftTree, GreedyAcceptance, accept_greedy
@@ -97,7 +98,7 @@ class GraphedVerify:
         # Inductor fuses each layer's norms, rotary embedding and residual adds into a few kernels (a
         # small target's forward otherwise launches dozens of tiny kernels per layer); the attention
         # enters as the opaque operator `longspec::prefix_tree_attention`.
-        self.forward = torch.compile(target, dynamic=False) if compiled else None
+        self.forward = compile_fixed_shapes(target) if compiled else None
         if compiled:
             # The capacity differs between prompt lengths; the forward reads only the committed slots
             # (through the attention kernel), so one compiled graph serves every capacity.
