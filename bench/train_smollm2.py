@@ -18,6 +18,12 @@ Stage 3 (the bundled draft): 2k tokens again from stage 2, the files shuffled wi
         --learning-rate 5e-4 --seed 1 --init-from $OUT/stage2 --name stage3
 
 Anchor-Offset ablation at equal steps: the same command with `--no-anchor-offset`.
+
+A run longer than one command may last: keep it out of $OUT, stop it in time with a checkpoint, and go
+on in the next command (the tokenized rows are cached too):
+
+    PYTHONPATH=.:/tmp/site python bench/train_smollm2.py --output-root /root/drafts --name stage4 \\
+        --max-steps 6000 --max-seconds 480 --data-cache /root/drafts/rows.pt --resume ...
 """
 
 from __future__ import annotations
@@ -64,19 +70,25 @@ def main() -> None:
     parser.add_argument("--init-from", default=None, help="continue from this draft folder")
     parser.add_argument("--no-anchor-offset", action="store_true", help="plain position ids (ablation)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-root", default=os.environ.get("OUT", "."), help="the run's folder goes here")
+    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--max-seconds", type=float, default=None, help="stop with a checkpoint after this long")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    parser.add_argument("--data-cache", default=None, help="a .pt file for the tokenized rows (reused when present)")
     args = parser.parse_args()
 
     stdlib = sysconfig.get_paths()["stdlib"]
     held_out = sorted(glob.glob(os.path.join(stdlib, "*.py")))  # top level only: no site-packages below it
     files = training_files(args.seed)
-    output_dir = os.path.join(os.environ.get("OUT", "."), args.name)
+    output_dir = os.path.join(args.output_root, args.name)
     config = TrainingConfig(
         target=args.model_dir, gguf_file="model.gguf", data=files, eval_data=held_out, extensions=[".py"],
         output_dir=output_dir, sequence_length=args.sequence_length, batch_size=args.batch_size,
         max_steps=args.max_steps, max_train_sequences=args.max_train_sequences, max_eval_sequences=32,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, eval_every=max(100, args.max_steps // 5),
-        eval_batches=4, log_every=10, save_every=0, max_positions=8192, progress=False,
+        eval_batches=4, log_every=10, save_every=args.save_every, max_positions=8192, progress=False,
         anchor_offset=not args.no_anchor_offset, init_from=args.init_from, seed=args.seed,
+        max_seconds=args.max_seconds, resume_from="latest" if args.resume else None, data_cache=args.data_cache,
     )
     result = train(config)
     summary = {"name": args.name, "files": len(files), "step": result.step, **result.last_eval}

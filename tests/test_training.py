@@ -129,6 +129,44 @@ def test_resume_gives_the_same_state_as_uninterrupted_training(tmp_path):
         assert torch.equal(resumed.draft.state_dict()[name], tensor), name
 
 
+def test_time_limit_stops_with_a_checkpoint_that_resumes_to_the_same_draft(tmp_path):
+    target = make_target("llama")
+    rows = toy_corpus(64, 32, target.config.vocab_size)
+    common = dict(sequence_length=32, batch_size=4, max_steps=5, eval_every=0, warmup_steps=2)
+    straight = train(tiny_config(tmp_path / "a", **common), target=target, train_sequences=rows)
+    # No time at all: the run stops after its first step, leaving checkpoint-1 and an exported draft.
+    stopped = train(tiny_config(tmp_path / "b", max_seconds=0.0, **common), target=target, train_sequences=rows)
+    assert stopped.step == 1 and (tmp_path / "b" / "checkpoint-1" / "optimizer.pt").exists()
+    assert (tmp_path / "b" / "model.safetensors").exists()
+    assert "max_seconds" in read_log(stopped.log_path)[-1]["stopped"]
+    resumed = train(tiny_config(tmp_path / "b", resume_from="latest", **common), target=target, train_sequences=rows)
+    assert resumed.step == 5
+    for name, tensor in straight.draft.state_dict().items():
+        assert torch.equal(resumed.draft.state_dict()[name], tensor), name
+
+
+def test_data_cache_is_reused_and_refused_for_other_settings(tmp_path):
+    from longspec_hf.training.trainer import load_or_build_sequences
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("def f(x):\n    return x + 1\n" * 30)
+    config = TrainingConfig(
+        data=[str(tmp_path / "corpus")], sequence_length=16, max_eval_sequences=4, data_cache=str(tmp_path / "rows.pt")
+    )
+    tokenizer = _char_tokenizer(96)
+    train_rows, held_out = load_or_build_sequences(config, lambda: tokenizer)
+    assert (tmp_path / "rows.pt").exists() and len(train_rows) > 0 and len(held_out) > 0
+
+    def no_tokenizer():
+        raise AssertionError("the cached rows need no tokenizer")
+
+    cached_train, cached_held_out = load_or_build_sequences(config, no_tokenizer)
+    assert torch.equal(cached_train, train_rows) and torch.equal(cached_held_out, held_out)
+    longer = TrainingConfig(**{**config.__dict__, "sequence_length": 32})
+    with pytest.raises(ValueError, match="sequence_length"):
+        load_or_build_sequences(longer, no_tokenizer)
+
+
 def test_lora_adapts_an_existing_draft_and_exports_it_merged(tmp_path):
     target = make_target("llama")
     start = make_draft(target)

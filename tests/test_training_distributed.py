@@ -23,6 +23,7 @@ def _train_on_two_processes(output_dir: str) -> None:
         output_dir=output_dir, sequence_length=32, batch_size=4, max_steps=4, gradient_accumulation_steps=2,
         learning_rate=1e-2, warmup_steps=1, eval_every=2, eval_batches=3, log_every=2, save_every=2,
         sliding_window=16, progress=False, save_dtype="float32",
+        max_seconds=3600.0,  # never reached: the processes agree on the clock every step and run on
     )
     result = train(config, target=target, train_sequences=rows[8:], eval_sequences=rows[:8])
     # DDP keeps the replicas identical: every process compares its weights with process 0's.

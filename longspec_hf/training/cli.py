@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out-fraction", type=float, default=defaults.held_out_fraction)
     parser.add_argument("--max-train-sequences", type=int, default=None)
     parser.add_argument("--max-eval-sequences", type=int, default=defaults.max_eval_sequences)
+    parser.add_argument("--data-cache", default=None,
+                        help="a .pt file for the tokenized rows: written on the first run, read by later ones")
 
     parser.add_argument("--sequence-length", type=int, default=defaults.sequence_length)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per process per micro-batch")
@@ -56,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
     parser.add_argument("--save-every", type=int, default=defaults.save_every)
     parser.add_argument("--resume-from", default=None, help='a checkpoint directory, or "latest"')
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop after this much training time with a checkpoint (--resume-from latest continues)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 

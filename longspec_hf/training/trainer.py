@@ -17,7 +17,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -50,6 +52,9 @@ class TrainingConfig:
     held_out_fraction: float = 0.02
     max_train_sequences: int | None = None
     max_eval_sequences: int | None = 64
+    # A `.pt` file for the packed token rows: written by the first run, read by later ones with the same
+    # data settings (tokenizing a large corpus can take minutes).
+    data_cache: str | None = None
 
     sequence_length: int = 1024
     batch_size: int = 4  # sequences per process per micro-batch
@@ -81,6 +86,9 @@ class TrainingConfig:
     log_every: int = 10
     save_every: int = 500
     resume_from: str | None = None  # a checkpoint directory, or "latest" (newest under output_dir)
+    # Stop after this many seconds of training with a checkpoint (`resume_from="latest"` continues); the
+    # exported draft is the one of that step.
+    max_seconds: float | None = None
     seed: int = 0
     progress: bool = True
 
@@ -155,6 +163,33 @@ def build_sequences(config: TrainingConfig, tokenizer) -> tuple[torch.Tensor, to
     return train, held_out[: config.max_eval_sequences]
 
 
+# The settings that decide the packed rows: a data cache made with others is refused.
+_DATA_SETTINGS = (
+    "data", "eval_data", "extensions", "text_field", "held_out_fraction", "max_train_sequences", "max_eval_sequences",
+    "sequence_length", "target", "tokenizer", "gguf_file", "seed",
+)
+
+
+def load_or_build_sequences(config: TrainingConfig, tokenizer: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[`build_sequences`], through `config.data_cache` when set. `tokenizer()` loads the tokenizer (only
+    called when the rows are built)."""
+    settings = {name: getattr(config, name) for name in _DATA_SETTINGS}
+    if config.data_cache and os.path.exists(config.data_cache):
+        cached = torch.load(config.data_cache)
+        if cached["settings"] != settings:
+            differing = sorted(k for k in settings if cached["settings"].get(k) != settings[k])
+            raise ValueError(
+                f"the data cache {config.data_cache} was built with other settings ({', '.join(differing)}): "
+                "delete it or pass another --data-cache path"
+            )
+        return cached["train"], cached["held_out"]
+    train_rows, held_out = build_sequences(config, tokenizer())
+    if config.data_cache:
+        os.makedirs(os.path.dirname(os.path.abspath(config.data_cache)), exist_ok=True)
+        torch.save({"settings": settings, "train": train_rows, "held_out": held_out}, config.data_cache)
+    return train_rows, held_out
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     if not os.path.isdir(output_dir):
         return None
@@ -163,7 +198,8 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 class DraftTrainer:
-    """Holds the models, optimizer, schedule and data of one run; [`train`] runs it to `max_steps`."""
+    """Holds the models, optimizer, schedule and data of one run; [`train`] runs it to `max_steps` (or until
+    `max_seconds`, leaving a checkpoint to resume from)."""
 
     def __init__(
         self,
@@ -186,12 +222,16 @@ class DraftTrainer:
         self.max_positions = config.max_positions or self.target.config.get_text_config().max_position_embeddings
 
         if train_sequences is None:
-            if tokenizer is None:
+
+            def load_tokenizer():
+                if tokenizer is not None:
+                    return tokenizer
                 from transformers import AutoTokenizer
 
                 kwargs = {"gguf_file": config.gguf_file} if config.gguf_file and not config.tokenizer else {}
-                tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.target, **kwargs)
-            train_sequences, eval_sequences = build_sequences(config, tokenizer)
+                return AutoTokenizer.from_pretrained(config.tokenizer or config.target, **kwargs)
+
+            train_sequences, eval_sequences = load_or_build_sequences(config, load_tokenizer)
         self.train_sequences = train_sequences
         self.eval_sequences = eval_sequences
 
@@ -294,11 +334,24 @@ class DraftTrainer:
                 self.last_eval = self.evaluate()
                 progress.set_postfix(acceptance=f"{self.last_eval['acceptance']:.3f}")
                 self._log(step=self.step, **{f"eval_{k}": v for k, v in self.last_eval.items()})
-            if config.save_every and self.step % config.save_every == 0 and self.step < config.max_steps:
+            saved = config.save_every and self.step % config.save_every == 0 and self.step < config.max_steps
+            if saved:
                 self.save_checkpoint()
+            if self._out_of_time(started) and self.step < config.max_steps:
+                if not saved:
+                    self.save_checkpoint()
+                self._log(step=self.step, stopped=f"max_seconds {config.max_seconds} reached; resume from the checkpoint")
+                break
         progress.close()
         draft = self.export()
         return TrainingResult(draft=draft, step=self.step, last_eval=self.last_eval, log_path=self.log_path)
+
+    def _out_of_time(self, started: float) -> bool:
+        """Whether `max_seconds` have passed, as every process agrees (the main process's clock decides)."""
+        if self.config.max_seconds is None:
+            return False
+        late = float(self.accelerator.is_main_process and time.time() - started >= self.config.max_seconds)
+        return bool(self.accelerator.reduce(torch.tensor(late, device=self.device), reduction="sum") > 0)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
