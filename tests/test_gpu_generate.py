@@ -147,6 +147,28 @@ def test_compiled_draft_on_cuda_matches_plain_generate():
     assert stats.mean_accepted_length > 1
 
 
+def test_compiled_draft_with_a_deep_adaptive_tree_on_cuda_matches_plain_generate():
+    """A ten-level tree with `compile_draft=True` and `adaptive=True`: every level's step compiles (past
+    dynamo's default limit of eight specialisations) and each plan the planner tries gets its own graphs;
+    outputs stay those of plain generate."""
+    from torch._dynamo.utils import counters
+
+    rng = random.Random("deep-adaptive")
+    target = make_target("llama", seed=13, num_key_value_heads=2, hidden_size=64, num_attention_heads=4).cuda()
+    draft = make_draft(target, seed=14).cuda()
+    frames = dict(counters["frames"])
+    for case in range(4):
+        ids, mask = random_batch(rng, target.config.vocab_size, rng.choice([1, 2]), rng.randrange(1, 200))
+        kwargs = dict(attention_mask=mask.cuda(), max_new_tokens=60, do_sample=False)
+        reference = target.generate(ids.cuda(), **kwargs)
+        output = target.generate(
+            ids.cuda(), assistant_model=draft, tree_widths=[2] + [4] * 9, compile_draft=True, adaptive=True, **kwargs
+        )
+        assert torch.equal(reference, output), case
+    compiled = counters["frames"]["ok"] - frames.get("ok", 0)
+    assert compiled == counters["frames"]["total"] - frames.get("total", 0) >= 10
+
+
 def first_divergence_margin(target, reference, output, mask) -> float | None:
     """Where `output` first leaves `reference` (plain generate's tokens): how far the token it took is
     below the best logit of the target there (eager forward over the reference); None when equal."""
