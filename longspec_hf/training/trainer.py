@@ -350,8 +350,10 @@ class DraftTrainer:
         """Whether `max_seconds` have passed, as every process agrees (the main process's clock decides)."""
         if self.config.max_seconds is None:
             return False
-        late = float(self.accelerator.is_main_process and time.time() - started >= self.config.max_seconds)
-        return bool(self.accelerator.reduce(torch.tensor(late, device=self.device), reduction="sum") > 0)
+        late = self.accelerator.is_main_process and time.time() - started >= self.config.max_seconds
+        if self.accelerator.num_processes == 1:
+            return late  # no device round trip (it would wait for the step's kernels every step)
+        return bool(self.accelerator.reduce(torch.tensor(float(late), device=self.device), reduction="sum") > 0)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
