@@ -66,6 +66,12 @@ def interpreter_cases() -> dict:
     ties = torch.tensor([[1.0, 3.0, 3.0, -inf, 3.0, 0.0], [-inf, -inf, -inf, 0.0, -inf, -inf]])
     values, indices = topk.topk_log_softmax(ties, 4, chunk_size=16)
     results["ties"] = dict(values=values.tolist(), indices=indices.tolist())
+    # -0.0 equals 0.0; a row whose only finite entry sits in the ragged last chunk.
+    edge = torch.full((2, 20), -inf)
+    edge[0, :6] = torch.tensor([0.0, -0.0, 0.0, -1.0, -0.0, 2.0])
+    edge[1, 17] = 1.0
+    values, indices = topk.topk_log_softmax(edge, 8, chunk_size=16)
+    results["edges"] = dict(values=values.tolist(), indices=indices.tolist())
     for name, (batch, parents, children, width, seed) in BEAM_CASES.items():
         try:
             inputs = beam_inputs(batch, parents, children, seed)
@@ -149,6 +155,13 @@ def test_ties_go_to_the_lower_index_and_minus_infinity_stays_last(interpreter_re
     # One finite entry: it comes first with log-probability 0, then distinct -inf entries.
     assert result["indices"][1][0] == 3 and result["values"][1][0] == 0.0
     assert len(set(result["indices"][1])) == 4 and result["values"][1][1:] == [-float("inf")] * 3
+
+
+def test_signed_zeros_tie_and_the_ragged_chunk_pads_never_win(interpreter_results):
+    result = interpreter_results["edges"]
+    assert result["indices"][0][:6] == [5, 0, 1, 2, 4, 3]
+    assert result["indices"][1] == [17, 0, 1, 2, 3, 4, 5, 6]
+    assert result["values"][1][0] == 0.0 and result["values"][1][1:] == [-float("inf")] * 7
 
 
 @pytest.mark.parametrize("name", list(BEAM_CASES))

@@ -7,14 +7,17 @@ Why: a greedy tree level needs only each node's best few children and their log-
 torch spends a log-softmax over the whole vocabulary plus a multi-pass radix top-k (about eight
 launches) on it, which was a quarter of the draft's time per round on a small target. Here:
 
+* Every entry becomes one int64 sort key: the float's bits made order-preserving in the high half, the
+  complement of its position in the low half. "Largest value, lowest position among equals" is then a
+  single max reduction, and taking it out of the running a single compare.
 * Stage 1, program (row, chunk): one `CHUNK`-wide slice of the vocabulary in registers. It writes the
-  slice's maximum and its sum of `exp(x - max)`, and its own top `k` by `k` rounds of "largest value not
-  taken yet, lowest index among equals".
+  slice's maximum and its sum of `exp(x - max)`, and the keys of its own top `k`, by `k` rounds of
+  "largest key left".
 * Stage 2, program (row): the exact log-sum-exp from the chunks' (max, sum) pairs, and the top `k` of
-  the `chunks * k` candidates the same way (the row's top `k` are among its chunks' top `k`).
+  the `chunks * k` candidate keys the same way (the row's top `k` are among its chunks' top `k`).
 
-Each round of "largest not taken yet" is a reduction whose cost is mostly its latency, so programs are
-narrow (few warps) and many, rather than wide.
+Each round is a reduction whose cost is mostly its latency, so programs are narrow (one warp: no
+shared-memory round trip per reduction) and many, rather than wide.
 
 `beam_select` is the beam step that follows (`reference.beam_select`): the `width` best (parent, child)
 pairs of a batch row by parent score + child log-probability, in one program per row instead of torch's
@@ -31,32 +34,38 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_K = 64
 MAX_BEAM_CANDIDATES = 4096  # parents x children of one beam step, in one program's registers
 # Stage-1 slice and warps, stage-2 warps (measured on an H200 for SmolLM2's vocabulary; BENCHMARKS.md).
-CHUNK = 4096
-CHUNK_WARPS = 4
-MERGE_WARPS = 4
+CHUNK = 512
+CHUNK_WARPS = 1
+MERGE_WARPS = 1
+# Inside the kernels as literals (the interpreter cannot do arithmetic with constexpr globals):
+# -(2**63 - 1) is below the key of every non-NaN value (for padding and entries already taken);
+# positions are below 2**31 - 1.
 
 
 @triton.jit
-def _take_largest(values, positions, taken, valid):
-    """(value, position) of the largest untaken valid entry, lowest position among equal values."""
-    free = valid & (taken == 0)
-    best = tl.max(tl.where(free, values, float("-inf")), axis=0)
-    # `values == best` also catches -inf entries when nothing finite is left.
-    position = tl.min(tl.where(free & (values == best), positions, 2147483647), axis=0)
-    return best, position
+def _sort_key(values, positions):
+    """int64 keys ordered like (value, then the lower position first) for float32 `values`."""
+    values = tl.where(values == 0.0, 0.0, values)  # -0.0 ties with 0.0, as in torch
+    bits = values.to(tl.int32, bitcast=True)
+    # Negative floats order backwards as integers: flip their magnitude bits (an involution).
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (2147483647 - positions).to(tl.int64)
 
 
 @triton.jit
-def _pop_largest(values, slots, taken, valid, payload):
-    """`_take_largest` over `slots`, plus the `payload` entry at the taken slot, and `taken` updated."""
-    best, slot = _take_largest(values, slots, taken, valid)
-    item = tl.sum(tl.where(slots == slot, payload, 0), axis=0)
-    return best, slot, item, tl.where(slots == slot, 1, taken)
+def _key_value(key):
+    ordered = (key >> 32).to(tl.int32)
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_position(key):
+    return 2147483647 - (key & 0xFFFFFFFF).to(tl.int32)
 
 
 @triton.jit(do_not_specialize=["vocab"])
 def _chunk_topk_kernel(
-    Logits, Cand_value, Cand_index, Chunk_max, Chunk_sum,
+    Logits, Cand_key, Chunk_max, Chunk_sum,
     vocab, num_chunks, stride_lr, stride_lv,
     K: tl.constexpr, CHUNK_SIZE: tl.constexpr,
 ):
@@ -73,17 +82,16 @@ def _chunk_topk_kernel(
     tl.store(Chunk_max + out, chunk_max)
     tl.store(Chunk_sum + out, chunk_sum)
 
-    taken = tl.zeros([CHUNK_SIZE], dtype=tl.int32)
+    keys = tl.where(valid, _sort_key(x, offsets), -9223372036854775807)
     for rank in tl.static_range(K):
-        best, position = _take_largest(x, offsets, taken, valid)
-        tl.store(Cand_value + out * K + rank, best)
-        tl.store(Cand_index + out * K + rank, position)
-        taken = tl.where(offsets == position, 1, taken)
+        best = tl.max(keys, axis=0)
+        tl.store(Cand_key + out * K + rank, best)
+        keys = tl.where(keys == best, -9223372036854775807, keys)
 
 
 @triton.jit
 def _merge_topk_kernel(
-    Cand_value, Cand_index, Chunk_max, Chunk_sum, Out_value, Out_index,
+    Cand_key, Chunk_max, Chunk_sum, Out_value, Out_index,
     num_chunks, stride_or, stride_ok,
     K: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, BLOCK_CANDIDATES: tl.constexpr,
 ):
@@ -98,15 +106,12 @@ def _merge_topk_kernel(
     log_normalizer = shift + tl.log(tl.sum(scaled, axis=0))
 
     slots = tl.arange(0, BLOCK_CANDIDATES)
-    valid = slots < num_chunks * K
-    values = tl.load(Cand_value + row * num_chunks * K + slots, mask=valid, other=float("-inf"))
-    indices = tl.load(Cand_index + row * num_chunks * K + slots, mask=valid, other=0)
-    # Candidates are ordered by chunk, then rank: the lowest slot among equal values has the lowest index.
-    taken = tl.zeros([BLOCK_CANDIDATES], dtype=tl.int32)
+    keys = tl.load(Cand_key + row * num_chunks * K + slots, mask=slots < num_chunks * K, other=-9223372036854775807)
     for rank in tl.static_range(K):
-        best, slot, index, taken = _pop_largest(values, slots, taken, valid, indices)
-        tl.store(Out_value + row * stride_or + rank * stride_ok, best - log_normalizer)
-        tl.store(Out_index + row * stride_or + rank * stride_ok, index.to(tl.int64))
+        best = tl.max(keys, axis=0)
+        tl.store(Out_value + row * stride_or + rank * stride_ok, _key_value(best) - log_normalizer)
+        tl.store(Out_index + row * stride_or + rank * stride_ok, _key_position(best).to(tl.int64))
+        keys = tl.where(keys == best, -9223372036854775807, keys)
 
 
 INTERPRETED = type(_chunk_topk_kernel).__name__ == "InterpretedFunction"
@@ -140,21 +145,20 @@ def topk_log_softmax(
         return values, indices
     chunk_size = min(chunk_size, max(16, triton.next_power_of_2(vocab)))
     num_chunks = triton.cdiv(vocab, chunk_size)
-    cand_value = torch.empty(rows, num_chunks, k, dtype=torch.float32, device=device)
-    cand_index = torch.empty(rows, num_chunks, k, dtype=torch.int32, device=device)
+    cand_key = torch.empty(rows, num_chunks, k, dtype=torch.int64, device=device)
     chunk_max = torch.empty(rows, num_chunks, dtype=torch.float32, device=device)
     chunk_sum = torch.empty(rows, num_chunks, dtype=torch.float32, device=device)
     _chunk_topk_kernel[(rows, num_chunks)](
-        logits, cand_value, cand_index, chunk_max, chunk_sum,
+        logits, cand_key, chunk_max, chunk_sum,
         vocab, num_chunks, *logits.stride(),
         K=k, CHUNK_SIZE=chunk_size, num_warps=chunk_warps,
     )
+    block_candidates = max(16, triton.next_power_of_2(num_chunks * k))
     _merge_topk_kernel[(rows,)](
-        cand_value, cand_index, chunk_max, chunk_sum, values, indices,
+        cand_key, chunk_max, chunk_sum, values, indices,
         num_chunks, *values.stride(),
-        K=k, BLOCK_CHUNKS=max(2, triton.next_power_of_2(num_chunks)),
-        BLOCK_CANDIDATES=max(16, triton.next_power_of_2(num_chunks * k)),
-        num_warps=merge_warps,
+        K=k, BLOCK_CHUNKS=max(2, triton.next_power_of_2(num_chunks)), BLOCK_CANDIDATES=block_candidates,
+        num_warps=max(merge_warps, block_candidates // 1024),  # at most 32 keys per thread in registers
     )
     return values, indices
 
@@ -173,15 +177,16 @@ def _beam_select_kernel(
     valid = slots < num_pairs
     parent = slots // per_parent
     child = tl.load(Child_value + row * num_pairs + slots, mask=valid, other=float("-inf"))
-    tokens = tl.load(Child_token + row * num_pairs + slots, mask=valid, other=0)
     scores = tl.load(Parent_score + row * stride_pb + parent * stride_pn, mask=valid, other=float("-inf")) + child
-    taken = tl.zeros([BLOCK], dtype=tl.int32)
+    keys = tl.where(valid, _sort_key(scores, slots), -9223372036854775807)
     for rank in tl.static_range(WIDTH):
-        best, slot, token, taken = _pop_largest(scores, slots, taken, valid, tokens)
+        best = tl.max(keys, axis=0)
+        slot = _key_position(best)
         out = row * WIDTH + rank
-        tl.store(Out_score + out, best)
-        tl.store(Out_token + out, token)
+        tl.store(Out_score + out, _key_value(best))
+        tl.store(Out_token + out, tl.load(Child_token + row * num_pairs + slot))
         tl.store(Out_parent + out, (slot // per_parent).to(tl.int64))
+        keys = tl.where(keys == best, -9223372036854775807, keys)
 
 
 def beam_select_unsupported_reason(child_scores: torch.Tensor, width: int) -> str | None:
