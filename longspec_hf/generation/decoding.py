@@ -374,6 +374,11 @@ def longspec_decode(
             write = seq_len[:, None] + torch.arange(path_width, device=device)
             tokens.scatter_(1, write, acceptance.new_tokens)
             seq_len += gained
+            if draft_ahead and planner is None and path_width <= round_gain_limit:
+                # The next tree needs nothing from this round's results on the host (a fixed plan, and
+                # no row can gain more than the graph feeds the ring): launched before the host waits,
+                # the device goes from this round's commit straight into the next draft.
+                ahead = (full_plan, *propose(full_plan, path_width))
             # The round's one wait for the device: what the host needs to emit tokens and keep statistics.
             host_rows = to_host.tolist()
             round_start, round_end = round_end, time.perf_counter()
@@ -382,7 +387,7 @@ def longspec_decode(
             ring_lag = (0 if drafted else ring_lag) + max(gained_host)
             gained_active = [g for g, a in zip(gained_host, active_rows) if a]
             new_tokens_host = [row[1 : 1 + path_width] for row in host_rows]
-            if draft_ahead:
+            if draft_ahead and ahead is None:
                 # Planned from the rounds before this one: this round is recorded below, while the
                 # next tree is drafted on the device.
                 next_round = next_plan()
