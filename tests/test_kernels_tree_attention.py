@@ -40,6 +40,8 @@ CPU_CASES = {
 }
 # Cases whose rows all have a prefix, also run through the prefix-only entry point.
 PREFIX_ONLY_CASES = ["default_launch_single_query", "padded_head_dim_many_row_blocks"]
+# Cases run through `masked_attention` over their tree keys alone (default launch parameters).
+MASKED_CASES = ["ragged_gqa_splits", "tree_across_chunks"]
 CPU_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Relative error bound of the output, by dtype: fp32 is exact up to summation order; fp16 rounds the
 # inputs of the probability @ value product and the output.
@@ -109,6 +111,7 @@ def interpreter_cases() -> dict:
     jobs += [(f"ragged_gqa_splits-{d}-two_pass", "ragged_gqa_splits", d, "two_pass") for d in CPU_DTYPES]
     jobs += [(f"cross_attention_tree-{d}-dispatch", "cross_attention_tree", d, "dispatch") for d in CPU_DTYPES]
     jobs += [(f"{name}-{d}-prefix_only", name, d, "prefix_only") for name in PREFIX_ONLY_CASES for d in CPU_DTYPES]
+    jobs += [(f"{name}-{d}-masked", name, d, "masked") for name in MASKED_CASES for d in CPU_DTYPES]
     for seed, (key, name, dtype_name, variant) in enumerate(jobs):
         try:
             shape = CPU_CASES[name]
@@ -118,6 +121,10 @@ def interpreter_cases() -> dict:
                 prefix_args = [inputs[k] for k in ("query", "key_prefix", "value_prefix", "prefix_start", "prefix_end")]
                 ref_out, ref_lse = reference.prefix_attention(*prefix_args, inputs["scale"])
                 out, lse = kernels.prefix_attention(*prefix_args, inputs["scale"], backend="triton")
+            elif variant == "masked":  # the draft's self-attention: the tree keys under their mask alone
+                masked_args = [inputs[k] for k in ("query", "key_tree", "value_tree", "tree_mask")]
+                ref_out, ref_lse = reference.attention_with_lse(*masked_args, inputs["scale"])
+                out, lse = kernels.masked_attention(*masked_args, inputs["scale"], backend="triton")
             elif variant == "fused":
                 out, lse = tree_attention.prefix_tree_attention(
                     **inputs, config=shape.get("config"), num_splits=shape.get("num_splits"))
@@ -141,6 +148,7 @@ CPU_KEYS = [f"{name}-{d}" for name in CPU_CASES for d in CPU_DTYPES]
 CPU_KEYS += [f"ragged_gqa_splits-{d}-two_pass" for d in CPU_DTYPES]
 CPU_KEYS += [f"cross_attention_tree-{d}-dispatch" for d in CPU_DTYPES]
 CPU_KEYS += [f"{name}-{d}-prefix_only" for name in PREFIX_ONLY_CASES for d in CPU_DTYPES]
+CPU_KEYS += [f"{name}-{d}-masked" for name in MASKED_CASES for d in CPU_DTYPES]
 
 
 @pytest.mark.parametrize("key", CPU_KEYS)

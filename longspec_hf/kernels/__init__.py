@@ -1,6 +1,7 @@
 """Attention and cache kernels. Each Triton kernel sits beside the pure-torch reference in `reference.py`.
 
-`prefix_tree_attention`, `prefix_attention`, `compact_kv`, `topk_log_softmax` and `beam_select` run the Triton kernels
+`prefix_tree_attention`, `prefix_attention`, `masked_attention`, `compact_kv`, `topk_log_softmax` and `beam_select`
+run the Triton kernels
 on CUDA tensors when Triton is installed and the inputs are supported, and the torch reference otherwise
 (CPU, other dtypes).
 `backend="torch"` or `backend="triton"` forces one (a forced Triton call on unsupported inputs raises).
@@ -27,6 +28,7 @@ __all__ = [
     "attention_with_lse",
     "beam_select",
     "compact_kv",
+    "masked_attention",
     "merge_attention",
     "prefix_attention",
     "prefix_tree_attention",
@@ -95,6 +97,27 @@ def prefix_attention(
             return module.prefix_attention_op(query, key, value, start, end, scale)
         return module.prefix_attention_with_lse(query, key, value, start, end, scale)
     return reference.prefix_attention(query, key, value, start, end, scale)
+
+
+def masked_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor,
+    scale: float,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of `query` `(B, Hq, Tq, D)` over `key`/`value` `(B, Hkv, S, D)` where `visible` `(B, Tq, S)`
+    (see `reference.attention_with_lse`): one launch for short key sets with an arbitrary mask, such as
+    the draft's ring window and tree nodes. Masked slots must hold finite values on the Triton path."""
+    module = _tree_attention_triton
+    reason = lambda: module.unsupported_reason(query, key, value, key, value, visible, scale)
+    if _use_triton(backend, module, reason, query.device):
+        if torch.compiler.is_compiling():
+            return module.masked_attention_op(query, key, value, visible, scale)
+        return module.tree_attention_with_lse(query, key, value, visible, scale)
+    return reference.attention_with_lse(query, key, value, visible, scale)
 
 
 def compact_kv(

@@ -466,6 +466,18 @@ def _(query, key, value, start, end, scale):
     return _fake_attention_outputs(query)
 
 
+@torch.library.custom_op("longspec::masked_attention", mutates_args=())
+def masked_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return tree_attention_with_lse(query, key, value, visible, scale)
+
+
+@masked_attention_op.register_fake
+def _(query, key, value, visible, scale):
+    return _fake_attention_outputs(query)
+
+
 @torch.library.custom_op("longspec::prefix_tree_attention", mutates_args=())
 def prefix_tree_attention_op(
     query: torch.Tensor,

@@ -54,9 +54,11 @@ class DraftCache:
     """The draft's constant-size cache: a ring of the last `window` committed tokens and tree scratch.
 
     Attributes:
-        key_ring, value_ring: `(B, Hkv, window, D)`; the token at position `p` lives in slot `p % window`.
+        key_slots, value_slots: `(B, Hkv, window + max_tree_nodes, D)`: the ring, then the tree scratch,
+            so that a tree level attends to both without concatenating them.
+        key_ring, value_ring: `(B, Hkv, window, D)` views; the token at position `p` lives in slot `p % window`.
         ring_positions: `(B, window)` absolute position held by each ring slot, `-1` when empty.
-        key_tree, value_tree: `(B, Hkv, max_tree_nodes, D)`, K/V of the nodes of the tree being drafted.
+        key_tree, value_tree: `(B, Hkv, max_tree_nodes, D)` views, K/V of the nodes of the tree being drafted.
         seen_len: `(B,)` how many slots of the row's token buffer the ring has consumed.
     """
 
@@ -68,14 +70,14 @@ class DraftCache:
         device: torch.device,
         dtype: torch.dtype,
     ):
-        shape_ring = (batch_size, config.num_key_value_heads, config.sliding_window, config.head_dim)
-        shape_tree = (batch_size, config.num_key_value_heads, max_tree_nodes, config.head_dim)
         self.window = config.sliding_window
-        self.key_ring = torch.zeros(shape_ring, device=device, dtype=dtype)
-        self.value_ring = torch.zeros(shape_ring, device=device, dtype=dtype)
-        self.ring_positions = torch.full((batch_size, config.sliding_window), -1, device=device, dtype=torch.long)
-        self.key_tree = torch.zeros(shape_tree, device=device, dtype=dtype)
-        self.value_tree = torch.zeros(shape_tree, device=device, dtype=dtype)
+        # Zeros, not empty: attention kernels read masked slots too (with probability 0), so they must be finite.
+        shape = (batch_size, config.num_key_value_heads, self.window + max_tree_nodes, config.head_dim)
+        self.key_slots = torch.zeros(shape, device=device, dtype=dtype)
+        self.value_slots = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_ring, self.key_tree = self.key_slots.split([self.window, max_tree_nodes], dim=2)
+        self.value_ring, self.value_tree = self.value_slots.split([self.window, max_tree_nodes], dim=2)
+        self.ring_positions = torch.full((batch_size, self.window), -1, device=device, dtype=torch.long)
         self.seen_len = torch.zeros(batch_size, device=device, dtype=torch.long)
 
     @property
@@ -89,7 +91,7 @@ class DraftCache:
 
     def nbytes(self) -> int:
         """Bytes held by the cache tensors (constant for a given batch size and tree budget)."""
-        tensors = (self.key_ring, self.value_ring, self.ring_positions, self.key_tree, self.value_tree, self.seen_len)
+        tensors = (self.key_slots, self.value_slots, self.ring_positions, self.seen_len)
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -147,13 +149,20 @@ class LongSpecSelfAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         visible: torch.Tensor,
+        differentiable: bool = True,
     ) -> torch.Tensor:
-        """Queries from `hidden` `(B, Q, hidden)` over `key`/`value` `(B, Hkv, S, D)` where `visible` `(B, Q, S)`."""
+        """Queries from `hidden` `(B, Q, hidden)` over `key`/`value` `(B, Hkv, S, D)` where `visible` `(B, Q, S)`.
+
+        Every query sees at least itself, so no row is empty. `differentiable=False` (inference on CUDA)
+        takes the masked-attention kernel: one launch over a few hundred keys, against SDPA's mask path.
+        """
         query = rotate(self._heads(self.q_proj(hidden), self.num_heads), cos, sin)
-        # Every query sees at least itself, so no row is empty: one fused SDPA call suffices here.
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=visible[:, None], scale=self.scale, enable_gqa=True
-        )
+        if differentiable or not query.is_cuda:
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=visible[:, None], scale=self.scale, enable_gqa=True
+            )
+        else:
+            out, _ = kernels.masked_attention(query, key, value, visible, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(*hidden.shape[:2], -1))
 
 
@@ -451,7 +460,13 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         )
         visible = self._ring_visibility(cache, root_pos)
         attn = self.self_attn(
-            self.input_layernorm(root_hidden), root_cos, root_sin, cache.key_ring, cache.value_ring, visible
+            self.input_layernorm(root_hidden),
+            root_cos,
+            root_sin,
+            cache.key_ring,
+            cache.value_ring,
+            visible,
+            differentiable=False,
         )
         hidden = self._finish_block(root_hidden, attn, root_cos, root_sin, target_kv)
         return self._logits(hidden)[:, 0]
@@ -485,10 +500,11 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         end = scratch_start + num_nodes
         cache.key_tree[:, :, scratch_start:end] = key
         cache.value_tree[:, :, scratch_start:end] = value
-        key_all = torch.cat([cache.key_ring, cache.key_tree[:, :, :end]], dim=2)
-        value_all = torch.cat([cache.value_ring, cache.value_tree[:, :, :end]], dim=2)
+        # The ring and the first `end` scratch slots are contiguous in the cache: no copy.
+        key_all = cache.key_slots[:, :, : cache.window + end]
+        value_all = cache.value_slots[:, :, : cache.window + end]
         visible = torch.cat([self._ring_visibility(cache, position_ids), tree_visible], dim=2)
-        attn = self.self_attn(normed, cos, sin, key_all, value_all, visible)
+        attn = self.self_attn(normed, cos, sin, key_all, value_all, visible, differentiable=False)
         return self._logits(self._finish_block(hidden, attn, cos, sin, target_kv))
 
     @staticmethod
