@@ -238,6 +238,7 @@ def test_compiled_target_verifies_like_the_eager_one():
     assert torch.equal(eager_out, reference) and torch.equal(compiled_out, reference)
     assert compiled_accepted == eager_accepted and max(compiled_accepted) > 1
     assert kept(draft).key.compile_target and kept(draft).verify.forward is not None
+    assert kept(draft).verify.acceptance is not None  # the greedy acceptance compiles with the forward
     # The prefill goes through the compiled forward too (the verify graphs hold it already).
     verify, prefill_lengths = kept(draft).verify, []
     compiled_forward = verify.forward

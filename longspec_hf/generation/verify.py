@@ -31,6 +31,7 @@ def merge_positions_verify(
     accept: bool,
     forward: Callable[..., Any] | None = None,
     tokens: torch.Tensor | None = None,
+    acceptance: Callable[[DraftTree, torch.Tensor], tuple[torch.Tensor, ...]] | None = None,
 ) -> tuple[DraftTree, torch.Tensor, GreedyAcceptance | None]:
     """Hang the prompt-lookup `chains` under the root (when given) and run the target over the tree.
 
@@ -38,7 +39,8 @@ def merge_positions_verify(
     deepest node where that path's tail last occurred in the row's text (`tokens`, the `(B, S)` token
     buffer), found on the device. The nodes' K/V land in the cache's tree scratch. Returns the verified
     tree, the `(B, 1 + N, V)` logits at every node and, when `accept`, the greedy acceptance of the raw
-    logits. `forward` runs the target's forward instead of `target` itself (its compiled version).
+    logits. `forward` runs the target's forward instead of `target` itself (its compiled version), and
+    `acceptance` computes the acceptance instead of [`greedy_acceptance`] (its compiled version).
     """
     if chains is not None:
         leaf = leaf_chain = None
@@ -56,8 +58,19 @@ def merge_positions_verify(
         logits_to_keep=0,
         longspec=LongSpecAttentionInputs(cache, tree_mask=tree.ancestors),
     ).logits
-    # argmax of the logits is the argmax of the float32 scores the eager path takes (the cast is exact).
-    return tree, logits, accept_greedy(tree, logits.argmax(dim=-1)) if accept else None
+    if not accept:
+        return tree, logits, None
+    return tree, logits, GreedyAcceptance(*(acceptance or greedy_acceptance)(tree, logits))
+
+
+def greedy_acceptance(tree: DraftTree, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[`accept_greedy`] of the target's raw `logits` `(B, 1 + N, V)`, as the tuple `(path, num_accepted,
+    new_tokens)`: compiled, its per-level gathers and comparisons fuse into a few kernels.
+
+    The argmax of the logits is the argmax of the float32 scores the eager path takes (the cast is exact).
+    """
+    result = accept_greedy(tree, logits.argmax(dim=-1))
+    return result.path, result.num_accepted, result.new_tokens
 
 
 class GraphedVerify:
@@ -99,6 +112,7 @@ class GraphedVerify:
         # small target's forward otherwise launches dozens of tiny kernels per layer); the attention
         # enters as the opaque operator `longspec::prefix_tree_attention`.
         self.forward = compile_fixed_shapes(target) if compiled else None
+        self.acceptance = compile_fixed_shapes(greedy_acceptance) if compiled else None
         if compiled:
             # The capacity differs between prompt lengths; the forward reads only the committed slots
             # (through the attention kernel), so one compiled graph serves every capacity.
@@ -148,6 +162,7 @@ class GraphedVerify:
                     self.accept,
                     self.forward,
                     self.tokens,
+                    self.acceptance,
                 ),
                 self.capture,
             )
