@@ -338,3 +338,26 @@ def test_graphed_steps_read_nothing_on_the_host(arch, monkeypatch):
         with longspec_attention(target):
             verified, logits, acceptance = workspace.verify(tree, chain_tokens, chain_layout)
         assert logits.shape[:2] == (2, nodes) and acceptance.new_tokens.shape == (2, 1 + verified.max_depth)
+
+
+def test_drafting_the_next_tree_before_the_host_reads_the_round_changes_no_proposal():
+    """The graph-ready loop launches the next draft before the host has read the round's results (the
+    draft reads only device state); the plain loop drafts after. Both must propose the same trees, so the
+    same tokens are accepted round by round, for a padded batch and for a tree whose path is as long as
+    the ring feed allows."""
+    from longspec_hf import LongSpecStats
+
+    rng = random.Random("draft ahead")
+    target = make_target("llama", seed=29)
+    draft = make_draft(target, seed=30)
+    ids, mask = random_batch(rng, target.config.vocab_size, 2, 33)
+    for widths in ([2, 2, 2], [1] * 6):
+        kwargs = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, tree_widths=widths)
+        reference = target.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+        accepted = []
+        for graphs in (True, False):
+            stats = LongSpecStats()
+            out = target.generate(ids, assistant_model=draft, cuda_graphs=graphs, longspec_stats=stats, **kwargs)
+            assert torch.equal(out, reference)
+            accepted.append(stats.accepted_lengths)
+        assert accepted[0] == accepted[1] and max(accepted[0]) > 1, widths
