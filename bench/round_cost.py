@@ -92,8 +92,15 @@ class GraphTimer:
 
 
 def launch_cost(call: cuda_graphs.GraphedCall, replays: int = 20) -> dict[str, float]:
-    """Host ms per `replay()` call, and GPU ms per replay when replays are queued back to back."""
+    """Host ms per `replay()` call with the device idle before each call (`idle_host_ms`) and with replays
+    queued back to back (`host_ms`), and GPU ms per replay when queued back to back."""
     graph = call.graph
+    idle = []
+    for _ in range(replays):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        idle.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
     host = 0.0
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -104,7 +111,8 @@ def launch_cost(call: cuda_graphs.GraphedCall, replays: int = 20) -> dict[str, f
         host += time.perf_counter() - t0
     end.record()
     torch.cuda.synchronize()
-    return dict(host_ms=1e3 * host / replays, gpu_ms=start.elapsed_time(end) / replays, nodes=graph_nodes(graph))
+    return dict(host_ms=1e3 * host / replays, idle_host_ms=1e3 * sorted(idle)[len(idle) // 2],
+                gpu_ms=start.elapsed_time(end) / replays, nodes=graph_nodes(graph))
 
 
 def graph_nodes(graph: torch.cuda.CUDAGraph) -> int:

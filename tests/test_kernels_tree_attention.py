@@ -279,3 +279,30 @@ def test_prefix_attention_is_the_hybrid_attention_with_no_tree_visible():
         out, lse = kernels.prefix_attention(*prefix_args, inputs["scale"], backend=backend)
         torch.testing.assert_close(out, hybrid_out, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(lse, hybrid_lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("queries", [1, 16])
+def test_masked_attention_at_the_drafts_shapes_on_gpu(dtype, tolerance, queries, monkeypatch):
+    """The draft's self-attention: SmolLM2's heads over a 512-slot ring and the first tree nodes, read as
+    a strided view of the cache's slots, under an arbitrary mask where every node sees itself."""
+    from longspec_hf.kernels import tree_attention
+
+    calls = []
+    kernel = tree_attention.tree_attention_with_lse
+    monkeypatch.setattr(tree_attention, "tree_attention_with_lse", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    gen = torch.Generator(device="cuda").manual_seed(queries)
+    window, scratch, used = 512, 69, 16 + queries
+    key_slots, value_slots = (torch.randn(2, 3, window + scratch, 64, device="cuda", generator=gen).to(dtype)
+                              for _ in range(2))
+    key, value = key_slots[:, :, : window + used], value_slots[:, :, : window + used]
+    query = torch.randn(2, 9, queries, 64, device="cuda", generator=gen).to(dtype)
+    visible = torch.rand(2, queries, window + used, device="cuda", generator=gen) < 0.7
+    nodes = torch.arange(queries, device="cuda")
+    visible[:, nodes, window + used - queries + nodes] = True
+    out, lse = kernels.masked_attention(query, key, value, visible, 0.125)
+    ref_out, ref_lse = reference.attention_with_lse(query, key, value, visible, 0.125)
+    assert calls == [1]
+    assert float((out.float() - ref_out.float()).norm() / ref_out.float().norm()) < tolerance
+    assert float((lse - ref_lse).abs().max()) < 10 * tolerance
