@@ -11,23 +11,58 @@ shapes: `default` (the draft's generation config) or comma-separated widths. Run
 Acceptance does not depend on the hardware, so tree shapes can be compared on a CPU in fp32 too:
 
     python bench/draft_tau.py --device cpu --dtype float32 --contexts 1024 --trees default 4,16,16,16,16,16,16
+
+`--draft-vocab N ...` also measures drafts whose proposals are restricted to the N most frequent tokens
+of `--vocab-corpus` (Python files; default: the site-packages folder holding transformers, the kind of
+text the bundled draft was trained on): what a draft LM head over a frequency-ranked sub-vocabulary
+would cost in acceptance (0: the whole vocabulary).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
+import random
 
 import torch
+import transformers
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from longspec_hf import LongSpecStats
 from longspec_hf.assets import bundled_draft_dir, smollm2_gguf_path
 from longspec_hf.cli import held_out_prompts
+from longspec_hf.training.data import iter_source_files
 
 DEVICE_GGUF = "/root/smollm2/model.gguf"  # where the GPU machine's copy is joined (GPU.md)
+
+
+def token_counts(tokenizer, corpus: str, max_chars: int) -> torch.Tensor:
+    """How often each token id occurs in Python files under `corpus`: files in a seeded random order until
+    `max_chars` characters are read (so that the count spans many packages, not the first few)."""
+    counts: collections.Counter[int] = collections.Counter()
+    read = 0
+    paths = list(iter_source_files(corpus, (".py",)))
+    random.Random(0).shuffle(paths)
+    for path in paths:
+        with open(path, encoding="utf-8", errors="ignore") as handle:
+            text = handle.read()
+        counts.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+        read += len(text)
+        if read >= max_chars:
+            break
+    frequency = torch.zeros(len(tokenizer), dtype=torch.long)
+    for token, count in counts.items():
+        frequency[token] = count
+    return frequency
+
+
+def restrict_draft_vocab(draft, keep: torch.Tensor) -> None:
+    """Make `draft` propose only tokens where `keep` `(V,)` is True (its other logits become -inf)."""
+    full_logits = draft._logits
+    draft._logits = lambda hidden: full_logits(hidden).masked_fill(~keep, float("-inf"))
 
 
 def main() -> None:
@@ -42,6 +77,10 @@ def main() -> None:
     parser.add_argument("--trees", nargs="+", default=["default"], help="`default` or widths such as 4,16,16")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--draft-vocab", type=int, nargs="+", default=[0],
+                        help="restrict proposals to the N most frequent tokens (0: whole vocabulary)")
+    parser.add_argument("--vocab-corpus", default=os.path.dirname(transformers.__path__[0]))
+    parser.add_argument("--vocab-corpus-chars", type=int, default=20_000_000)
     args = parser.parse_args()
 
     gguf = args.gguf or (DEVICE_GGUF if os.path.exists(DEVICE_GGUF) else str(smollm2_gguf_path()))
@@ -51,10 +90,15 @@ def main() -> None:
     target = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file)
     target = target.to(args.device, dtype).eval()
     prompts = held_out_prompts(tokenizer, args.contexts, args.prompts)
+    frequency = token_counts(tokenizer, args.vocab_corpus, args.vocab_corpus_chars) if any(args.draft_vocab) else None
     rows = []
-    for name in args.drafts:
+    for name, draft_vocab in itertools.product(args.drafts, args.draft_vocab):
         path = bundled_draft_dir() if name == "bundled" else name
         draft = AutoModel.from_pretrained(path).to(args.device, dtype).eval()
+        if draft_vocab:
+            keep = torch.zeros(target.config.vocab_size, dtype=torch.bool)
+            keep[frequency[: target.config.vocab_size].topk(draft_vocab).indices] = True
+            restrict_draft_vocab(draft, keep.to(args.device))
         for tree, mode in itertools.product(args.trees, args.modes):
             decoding = {} if tree == "default" else dict(tree_widths=[int(w) for w in tree.split(",")])
             if mode == "greedy":
@@ -71,15 +115,17 @@ def main() -> None:
                                     longspec_stats=stats, **decoding)
                     taus.append(stats.mean_accepted_length)
                     accepted.append(list(stats.accepted_lengths))
-                rows.append({"draft": name, "tree": tree, "mode": mode, "context": context, "prompts": len(taus),
+                rows.append({"draft": name, "draft_vocab": draft_vocab or None, "tree": tree, "mode": mode,
+                             "context": context, "prompts": len(taus),
                              "tau": sum(taus) / len(taus), "tau_per_prompt": taus, "accepted_lengths": accepted})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "accepted_lengths"}), flush=True)
     out = os.environ.get("OUT", ".")
     with open(os.path.join(out, "draft_tau.json"), "w") as handle:
         json.dump(rows, handle, indent=1)
-    print("| draft | tree | mode | context | prompts | tau |\n|---|---|---|---|---|---|")
+    print("| draft | draft vocab | tree | mode | context | prompts | tau |\n|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['draft']} | {row['tree']} | {row['mode']} | {row['context']} | {row['prompts']} | {row['tau']:.2f} |")
+        print(f"| {row['draft']} | {row['draft_vocab'] or 'all'} | {row['tree']} | {row['mode']} | {row['context']} | "
+              f"{row['prompts']} | {row['tau']:.2f} |")
 
 
 if __name__ == "__main__":
