@@ -7,7 +7,10 @@ graphs blocks the host ten to fifty times longer per node than replaying the no-
 times `graph.replay()` alone (the device drained before each call, so a full launch queue never blocks
 it) for graphs of `--kernels` small elementwise kernels, plain or with a few device-to-device copies
 (`copy_` between contiguous tensors: memcpy nodes) or the same copies as kernels, to see whether memcpy
-nodes take a graph off the driver's fast launch path.
+nodes take a graph off the driver's fast launch path. With `--gemm-rows`, graphs of `--kernels` bf16
+GEMMs shaped like a SmolLM2 layer's projections (576 -> 576, 576 -> 1536, 1536 -> 576) for each given
+number of rows: cuBLAS picks other kernels (some launched in thread-block clusters) as the rows grow, and
+the tree's verify forward runs its GEMMs over tens of rows where the no-draft step runs one.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import statistics
 import time
 
 import torch
+from graph_nodes import describe
 
 
 def capture(num_kernels: int, num_copies: int, as_kernels: bool) -> torch.cuda.CUDAGraph:
@@ -47,6 +51,50 @@ def capture(num_kernels: int, num_copies: int, as_kernels: bool) -> torch.cuda.C
     return graph
 
 
+def capture_gemms(num_kernels: int, rows: int) -> torch.cuda.CUDAGraph:
+    widths = [(576, 576), (576, 1536), (1536, 576)]
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for k, n in widths]
+    inputs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k, _ in widths]
+    outputs = [torch.empty(rows, n, device="cuda", dtype=torch.bfloat16) for _, n in widths]
+
+    def body():
+        for i in range(num_kernels):
+            j = i % len(widths)
+            torch.matmul(inputs[j], weights[j].t(), out=outputs[j])  # the layout of nn.Linear
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph(keep_graph=True)  # readable by graph_nodes.describe
+    with torch.cuda.graph(graph):
+        body()
+    graph.keep = (weights, inputs, outputs)
+    return graph
+
+
+def kernel_names(graph: torch.cuda.CUDAGraph) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    names = {e.name[:70] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    return sorted(names)
+
+
+def replay_device_ms(graph: torch.cuda.CUDAGraph, repeats: int = 20) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def replay_host_ms(graph: torch.cuda.CUDAGraph, repeats: int = 50) -> float:
     times = []
     for _ in range(repeats):
@@ -61,6 +109,7 @@ def replay_host_ms(graph: torch.cuda.CUDAGraph, repeats: int = 50) -> float:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--kernels", type=int, default=500)
+    parser.add_argument("--gemm-rows", type=int, nargs="*", default=[])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     rows = []
@@ -70,8 +119,16 @@ def main():
         rows.append(dict(kernels=args.kernels, copies=copies, copies_as_kernels=as_kernels,
                          host_ms=replay_host_ms(graph)))
         print(json.dumps(rows[-1]), flush=True)
+    gemm_rows = []
+    for num_rows in args.gemm_rows:
+        graph = capture_gemms(args.kernels, num_rows)
+        graph.replay()
+        gemm_rows.append(dict(kernels=args.kernels, gemm_rows=num_rows, host_ms=replay_host_ms(graph),
+                              device_ms=replay_device_ms(graph), cublas_kernels=kernel_names(graph),
+                              graph=describe(graph, os.path.join(args.out, f"gemms_{num_rows}_rows.dot"))))
+        print(json.dumps(gemm_rows[-1]), flush=True)
     with open(os.path.join(args.out, "graph_launch.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+        json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, gemms=gemm_rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ eager launches and host work. `--profile` adds a torch.profiler table of host ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
 from collections import defaultdict
 
 import torch
+from graph_nodes import KeptGraphs, describe
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import longspec_hf  # noqa: F401  (registers the draft with AutoModel)
@@ -162,15 +164,19 @@ def profile_graphs(calls: dict[str, cuda_graphs.GraphedCall], method: str, repla
             print(f"{count / replays:6.0f} {us / replays:9.1f} us  {kernel}")
 
 
-def profile_host(target, prompt, kwargs, method: str, new_tokens: int) -> None:
-    """torch.profiler with graphs: host time per op, what the graphs leave on the host."""
+def profile_host(target, prompt, kwargs, method: str, new_tokens: int, trace_dir: str | None = None) -> None:
+    """torch.profiler with graphs: host time per op, what the graphs leave on the host. With `trace_dir`,
+    also the device's activity and a Chrome trace of the call (host ops and kernels on one timeline)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trace_dir else [])
+    with profile(activities=activities, with_stack=False) as prof:
         target.generate(prompt, max_new_tokens=new_tokens, **kwargs)
     rounds = kwargs["assistant_model"].last_stats.rounds
     print(f"--- {method}, graphs: host time per op over {rounds} rounds")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=50))
+    if trace_dir:
+        prof.export_chrome_trace(os.path.join(trace_dir, f"{method}_trace.json"))
 
 
 def main() -> None:
@@ -181,6 +187,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler GPU time per op (eager)")
     parser.add_argument("--profile-host", action="store_true", help="also print host time per op (with graphs)")
     parser.add_argument("--profile-graphs", action="store_true", help="also print the kernels inside each graph")
+    parser.add_argument("--trace", action="store_true", help="with --profile-host, also write a Chrome trace")
+    parser.add_argument("--graph-nodes", action="store_true",
+                        help="also describe each graph's nodes (types, roots, cluster launches) and dump it as DOT")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
 
@@ -196,7 +205,8 @@ def main() -> None:
     for method in args.methods:
         kwargs = dict(assistant_model=draft, do_sample=False, **METHODS[method])
         # Warm-up of the same shape: Triton compilation, cuBLAS, and the graphs, kept for the timed call.
-        target.generate(prompt, max_new_tokens=args.new_tokens, **kwargs)
+        with KeptGraphs() if args.graph_nodes else contextlib.nullcontext():
+            target.generate(prompt, max_new_tokens=args.new_tokens, **kwargs)
         with GraphTimer() as timer:
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -213,6 +223,9 @@ def main() -> None:
             graph_gpu_ms=graphs,
             graph_launch=launch,
         )
+        if args.graph_nodes:
+            row["graph_nodes"] = {name: describe(call.graph, os.path.join(args.out, f"{method}_{name}.dot"))
+                                  for name, call in timer.calls.items()}
         results[method] = row
         print(method, json.dumps(row))
         if args.profile:
@@ -220,7 +233,7 @@ def main() -> None:
         if args.profile_graphs:
             profile_graphs(timer.calls, method)
         if args.profile_host:
-            profile_host(target, prompt, kwargs, method, args.new_tokens)
+            profile_host(target, prompt, kwargs, method, args.new_tokens, args.out if args.trace else None)
     with open(os.path.join(args.out, "round_cost.json"), "w") as f:
         json.dump(results, f, indent=1)
     graphs = ("propose_tree", "merge_positions_verify")

@@ -128,6 +128,22 @@ def test_cuda_graphs_kept_between_calls_match_plain_generate():
         workspace = draft.__dict__[ATTRIBUTE]
 
 
+def test_the_rounds_host_copy_does_not_wait_for_work_queued_after_it():
+    """The round's wait returns once its copy has landed, while work queued after the copy (the next
+    round's draft) still runs: `tolist()` there would wait for that work too."""
+    from longspec_hf.generation.decoding import _copy_to_host
+
+    expected = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    values = torch.tensor(expected, device="cuda")
+    wait = _copy_to_host(values)
+    torch.cuda._sleep(2_000_000_000)  # about a second of device time queued behind the copy
+    later = torch.cuda.Event()
+    later.record()
+    assert wait() == expected
+    assert not later.query()
+    torch.cuda.synchronize()
+
+
 def test_compiled_draft_on_cuda_matches_plain_generate():
     """`compile_draft=True`: the draft block runs through torch.compile inside the draft's CUDA graph (the
     target-KV attention as an opaque custom op); outputs stay those of plain generate."""

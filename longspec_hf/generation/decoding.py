@@ -10,9 +10,9 @@ Each round
 4. accepts the deepest node whose path equals the target's choices, plus the target's bonus token
    (sampling: a lossless rule of `sampling.py` picks the path and draws the bonus token),
 5. compacts the accepted path's K/V into the committed cache of every layer and appends the new
-   tokens to the token buffer, on the device, then waits for the device once,
+   tokens to the token buffer, on the device, then waits once for the commit to reach the host,
 6. hands the new tokens to the output, which applies max length, EOS and stopping criteria per token
-   (greedy with CUDA graphs: while the next round's draft tree is already running).
+   (greedy with CUDA graphs: while the next round's draft tree, queued behind the commit, is running).
 
 Rows advance at their own pace; every buffer has explicit per-row lengths (`seq_len`, the cache's
 `committed_len`, `pad_start`). A row that ends inside a round (EOS, max length) is done: it rides along
@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -374,13 +374,16 @@ def longspec_decode(
             write = seq_len[:, None] + torch.arange(path_width, device=device)
             tokens.scatter_(1, write, acceptance.new_tokens)
             seq_len += gained
+            # The round's one wait for the device is for what the host needs to emit tokens and keep
+            # statistics; the copy is queued before the next draft, so the wait ends before it.
+            wait_for_host_rows = _copy_to_host(to_host)
             if draft_ahead and planner is None and path_width <= round_gain_limit:
                 # The next tree needs nothing from this round's results on the host (a fixed plan, and
                 # no row can gain more than the graph feeds the ring): launched before the host waits,
-                # the device goes from this round's commit straight into the next draft.
+                # the device goes from this round's commit straight into the next draft while the host
+                # emits this round's tokens and launches the next verify forward behind it.
                 ahead = (full_plan, *propose(full_plan, path_width))
-            # The round's one wait for the device: what the host needs to emit tokens and keep statistics.
-            host_rows = to_host.tolist()
+            host_rows = wait_for_host_rows()
             round_start, round_end = round_end, time.perf_counter()
             gained_host = [row[0] for row in host_rows]
             lengths_before, seq_len_host = seq_len_host, [s + g for s, g in zip(seq_len_host, gained_host)]
@@ -415,6 +418,23 @@ def longspec_decode(
     draft.last_stats = stats
     draft.last_draft_cache_nbytes = drafter.cache.nbytes()
     return output.finish(input_ids, return_dict)
+
+
+def _copy_to_host(values: torch.Tensor) -> Callable[[], list]:
+    """Queues a copy of `values` to the host; the returned function waits for that copy alone (not for
+    work queued after it, unlike `values.tolist()`) and returns the values as nested lists."""
+    if values.device.type != "cuda":
+        return values.tolist
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list:
+        copied.synchronize()
+        return host.tolist()
+
+    return wait
 
 
 def _to_device(values: list, device: torch.device) -> torch.Tensor:
