@@ -12,10 +12,10 @@ Acceptance does not depend on the hardware, so tree shapes can be compared on a 
 
     python bench/draft_tau.py --device cpu --dtype float32 --contexts 1024 --trees default 4,16,16,16,16,16,16
 
-`--draft-vocab N ...` also measures drafts whose proposals are restricted to the N most frequent tokens
-of `--vocab-corpus` (Python files; default: the site-packages folder holding transformers, the kind of
-text the bundled draft was trained on): what a draft LM head over a frequency-ranked sub-vocabulary
-would cost in acceptance (0: the whole vocabulary).
+`--draft-vocab N ...` measures each draft with a draft vocabulary (`set_draft_vocabulary`) of the N most
+frequent tokens of `--vocab-corpus` (Python files; default: the site-packages folder holding
+transformers, the kind of text the bundled draft was trained on): what scoring only those tokens costs
+in acceptance. `all` drafts over the whole vocabulary, `saved` (the default) as the draft was saved.
 """
 
 from __future__ import annotations
@@ -59,12 +59,6 @@ def token_counts(tokenizer, corpus: str, max_chars: int) -> torch.Tensor:
     return frequency
 
 
-def restrict_draft_vocab(draft, keep: torch.Tensor) -> None:
-    """Make `draft` propose only tokens where `keep` `(V,)` is True (its other logits become -inf)."""
-    full_logits = draft._logits
-    draft._logits = lambda hidden: full_logits(hidden).masked_fill(~keep, float("-inf"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gguf", default=None,
@@ -77,8 +71,8 @@ def main() -> None:
     parser.add_argument("--trees", nargs="+", default=["default"], help="`default` or widths such as 4,16,16")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--draft-vocab", type=int, nargs="+", default=[0],
-                        help="restrict proposals to the N most frequent tokens (0: whole vocabulary)")
+    parser.add_argument("--draft-vocab", nargs="+", default=["saved"],
+                        help="N (the N most frequent tokens of --vocab-corpus), all, or saved")
     parser.add_argument("--vocab-corpus", default=os.path.dirname(transformers.__path__[0]))
     parser.add_argument("--vocab-corpus-chars", type=int, default=20_000_000)
     args = parser.parse_args()
@@ -90,15 +84,16 @@ def main() -> None:
     target = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file)
     target = target.to(args.device, dtype).eval()
     prompts = held_out_prompts(tokenizer, args.contexts, args.prompts)
-    frequency = token_counts(tokenizer, args.vocab_corpus, args.vocab_corpus_chars) if any(args.draft_vocab) else None
+    counted = any(v.isdigit() for v in args.draft_vocab)
+    frequency = token_counts(tokenizer, args.vocab_corpus, args.vocab_corpus_chars) if counted else None
     rows = []
     for name, draft_vocab in itertools.product(args.drafts, args.draft_vocab):
         path = bundled_draft_dir() if name == "bundled" else name
         draft = AutoModel.from_pretrained(path).to(args.device, dtype).eval()
-        if draft_vocab:
-            keep = torch.zeros(target.config.vocab_size, dtype=torch.bool)
-            keep[frequency[: target.config.vocab_size].topk(draft_vocab).indices] = True
-            restrict_draft_vocab(draft, keep.to(args.device))
+        if draft_vocab == "all":
+            draft.set_draft_vocabulary(None)
+        elif draft_vocab != "saved":
+            draft.set_draft_vocabulary(frequency[: target.config.vocab_size].topk(int(draft_vocab)).indices)
         for tree, mode in itertools.product(args.trees, args.modes):
             decoding = {} if tree == "default" else dict(tree_widths=[int(w) for w in tree.split(",")])
             if mode == "greedy":
@@ -115,7 +110,7 @@ def main() -> None:
                                     longspec_stats=stats, **decoding)
                     taus.append(stats.mean_accepted_length)
                     accepted.append(list(stats.accepted_lengths))
-                rows.append({"draft": name, "draft_vocab": draft_vocab or None, "tree": tree, "mode": mode,
+                rows.append({"draft": name, "draft_vocab": draft.config.draft_vocab_size, "tree": tree, "mode": mode,
                              "context": context, "prompts": len(taus),
                              "tau": sum(taus) / len(taus), "tau_per_prompt": taus, "accepted_lengths": accepted})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "accepted_lengths"}), flush=True)

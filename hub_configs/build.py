@@ -30,7 +30,7 @@ TARGETS: dict[str, dict[str, Any]] = {
         model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
         head_dim=64, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-        license="apache-2.0", context="8k", published=True,
+        license="apache-2.0", context="8k", published=True, draft_vocab_size=16384,
         training=(
             'Trained with `bench/train_smollm2.py` of longspec-hf on an H100 (stage 3 on an H200), the target frozen\n'
             "in bf16, KL loss to the target's distribution, cross-attention lag drawn from 1-4 per sequence, AdamW with warm-up and\n"
@@ -110,7 +110,8 @@ def target_config(base_model: str):
 
 def draft_config(base_model: str) -> LongSpecDraftConfig:
     return LongSpecDraftConfig.from_target_config(
-        target_config(base_model), sliding_window=SLIDING_WINDOW, tree_widths=TREE_WIDTHS, attention_bias=True
+        target_config(base_model), sliding_window=SLIDING_WINDOW, tree_widths=TREE_WIDTHS, attention_bias=True,
+        draft_vocab_size=TARGETS[base_model].get("draft_vocab_size"),
     )
 
 
@@ -156,7 +157,7 @@ print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_token
 ```
 
 The default tree widths ({tree_widths}) come from `generation_config.json`; pass `tree_widths=[...]`
-to `generate` to change them.
+to `generate` to change them.{vocabulary}
 
 ## Measured results
 
@@ -186,7 +187,14 @@ def render_card(base_model: str, config: LongSpecDraftConfig) -> str:
         "\nThis folder is the configuration template for this target; the weights are trained with `longspec train` "
         "or converted from a published LongSpec checkpoint with `longspec convert`.\n"
     )
+    vocabulary = "" if config.draft_vocab_size is None else (
+        f" Greedy drafting scores only {config.draft_vocab_size} of the target's {config.target_vocab_size}\n"
+        "tokens (`draft_vocab_ids`, the most frequent ones in text like the draft's training text), so a tree\n"
+        "level reads only their rows of the LM head; outputs do not change. `draft.set_draft_vocabulary(None)`\n"
+        "drafts over the whole vocabulary."
+    )
     return CARD.format(
+        vocabulary=vocabulary,
         base_model=base_model, license=spec["license"], model_type=spec["model_type"], name=folder_name(base_model),
         context=spec["context"], hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
         intermediate_size=config.intermediate_size, sliding_window=config.sliding_window,

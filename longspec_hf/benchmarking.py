@@ -17,6 +17,8 @@ Methods (all greedy, batch 1, the same `max_new_tokens`):
 - `longspec_tree_deep`: a tree of seven levels (`DEEP_TREE`), two below the default's five.
 - `longspec_tree_deep_adaptive`: that tree, each round verifying as many of its levels as the measured
   acceptance and round costs make worth it (`adaptive=True`).
+- `longspec_tree_whole_vocab`: the default tree with a copy of the draft that drafts over the whole
+  vocabulary (`set_draft_vocabulary(None)`), against a draft saved with a draft vocabulary.
 
 `longspec_*_eager` variants run the same loop without CUDA graphs (`cuda_graphs=False`), which shows
 what the graphs save. Every LongSpec method but the eager ones uses them on a CUDA target.
@@ -34,6 +36,8 @@ method.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import statistics
 import time
@@ -78,6 +82,9 @@ COMPILED_METHODS = (
     "longspec_tree_deep_compiled_all",
     "longspec_tree_deep_adaptive_compiled_all",
 )
+# Not run by default: the same draft without its draft vocabulary, for an A/B against `longspec_tree`.
+VOCABULARY_METHODS = ("longspec_tree_whole_vocab", "longspec_tree_whole_vocab_compiled_all")
+ALL_METHODS = METHODS + EAGER_METHODS + COMPILED_METHODS + VOCABULARY_METHODS
 
 
 def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
@@ -101,7 +108,23 @@ def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
         "longspec_hybrid_leaf": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_under_draft": True},
         "longspec_tree_deep": {"assistant_model": draft, "tree_widths": DEEP_TREE},
         "longspec_tree_deep_adaptive": {"assistant_model": draft, "tree_widths": DEEP_TREE, "adaptive": True},
+        "longspec_tree_whole_vocab": {"assistant_model": whole_vocabulary_copy(draft)},
     }[name]
+
+
+@functools.lru_cache(maxsize=2)
+def whole_vocabulary_copy(draft: LongSpecDraftModel) -> LongSpecDraftModel:
+    """A copy of `draft` that drafts over the whole vocabulary; one per draft, so that its CUDA graphs
+    are kept between calls like the draft's own."""
+    if draft.draft_vocab_ids is None:
+        return draft
+    # Built anew rather than deep-copied: the draft holds its target's modules and its kept buffers.
+    config = copy.deepcopy(draft.config)
+    config.draft_vocab_size = None
+    whole = LongSpecDraftModel(config)
+    whole.load_state_dict({k: v for k, v in draft.state_dict().items() if k != "draft_vocab_ids"})
+    whole.generation_config = copy.deepcopy(draft.generation_config)
+    return whole.to(draft.device, draft.dtype).eval()
 
 
 @dataclass

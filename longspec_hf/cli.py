@@ -265,8 +265,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from .benchmarking import (
-        COMPILED_METHODS,
-        EAGER_METHODS,
+        ALL_METHODS,
         METHODS,
         markdown_table,
         run_benchmark,
@@ -274,9 +273,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         write_report,
     )
 
-    unknown = sorted(set(args.methods or ()) - set(METHODS + EAGER_METHODS + COMPILED_METHODS))
+    unknown = sorted(set(args.methods or ()) - set(ALL_METHODS))
     if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS + EAGER_METHODS + COMPILED_METHODS)}")
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
     device, dtype = _device_and_dtype(args)
     target, tokenizer = _load_target(args.target, device, dtype, args.gguf_file)
     draft = _load_draft(args.draft, device, dtype)

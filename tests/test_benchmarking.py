@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from longspec_hf.benchmarking import (
-    COMPILED_METHODS,
-    EAGER_METHODS,
-    METHODS,
+    ALL_METHODS,
     Measurement,
     markdown_table,
     method_kwargs,
@@ -45,10 +43,19 @@ def test_no_draft_baseline_matches_the_infrastructure(method, baseline):
 
 
 def test_every_listed_method_has_its_generate_arguments():
-    draft = object()
-    for name in METHODS + EAGER_METHODS + COMPILED_METHODS:
+    target = make_target("llama")
+    draft = make_draft(target)
+    draft.set_draft_vocabulary(range(0, 96, 3))
+    for name in ALL_METHODS:
         kwargs = method_kwargs(name, draft)
-        assert name.startswith("hf_") or kwargs["assistant_model"] is draft
+        if "whole_vocab" in name:
+            whole = kwargs["assistant_model"]
+            assert whole is not draft and whole is method_kwargs(name, draft)["assistant_model"]
+            assert whole.draft_vocab_ids is None and whole.config.draft_vocab_size is None
+            assert draft.config.draft_vocab_size == 32
+            assert all(torch.equal(whole.state_dict()[k], v) for k, v in draft.state_dict().items() if k != "draft_vocab_ids")
+        else:
+            assert name.startswith("hf_") or kwargs["assistant_model"] is draft
         assert kwargs.get("compile_target", False) == name.endswith("_compiled_all")
         assert kwargs.get("cuda_graphs", True) == (not name.endswith("_eager"))
     assert method_kwargs("longspec_tree_deep_adaptive_compiled_all", draft)["adaptive"] is True

@@ -13,7 +13,7 @@ import torch
 
 from longspec_hf import LongSpecDraftModel
 from longspec_hf.training.anchor_offset import anchor_offset_position_ids, sample_cross_lag
-from longspec_hf.training.data import iter_texts, pack_token_sequences, split_held_out
+from longspec_hf.training.data import iter_texts, most_frequent_tokens, pack_token_sequences, split_held_out
 from longspec_hf.training.distill import greedy_acceptance, run_target
 from longspec_hf.training.trainer import TrainingConfig, train
 
@@ -109,6 +109,29 @@ def test_training_lowers_loss_and_raises_held_out_acceptance(tmp_path):
     saved = LongSpecDraftModel.from_pretrained(str(tmp_path))
     for name, tensor in result.draft.state_dict().items():
         torch.testing.assert_close(saved.state_dict()[name].float(), tensor.to(torch.bfloat16).float())
+
+
+def test_most_frequent_tokens_ranks_by_count_then_id():
+    sequences = torch.tensor([[5, 3, 5, 9], [3, 5, 1, 9]])
+    assert most_frequent_tokens(sequences, 3).tolist() == [5, 3, 9]
+    assert most_frequent_tokens(sequences, 12).tolist() == [5, 3, 9, 1, 0, 2, 4, 6, 7, 8, 10, 11]
+
+
+def test_export_with_a_draft_vocabulary_of_the_training_datas_tokens(tmp_path):
+    """`draft_vocab=N`: the exported draft scores the N most frequent training tokens; its integer ids
+    survive the bf16 export and greedy decoding with it still gives the target's own tokens."""
+    target = make_target("llama")
+    rows = toy_corpus(64, 32, target.config.vocab_size)
+    config = tiny_config(tmp_path, sequence_length=32, batch_size=4, max_steps=3, eval_every=0, warmup_steps=1, draft_vocab=20)
+    result = train(config, target=target, train_sequences=rows)
+    expected = sorted(most_frequent_tokens(rows, 20).tolist())
+    assert result.draft.draft_vocab_ids.tolist() == expected
+    saved = LongSpecDraftModel.from_pretrained(str(tmp_path))
+    assert saved.config.draft_vocab_size == 20
+    assert saved.draft_vocab_ids.dtype == torch.long and saved.draft_vocab_ids.tolist() == expected
+    prompt = rows[:1, :20]
+    reference = target.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(target.generate(prompt, assistant_model=saved, max_new_tokens=12, do_sample=False), reference)
 
 
 def test_resume_gives_the_same_state_as_uninterrupted_training(tmp_path):

@@ -131,18 +131,23 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             for tensor in (target_kv.key, target_kv.value):
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
             torch._dynamo.maybe_mark_dynamic(tokens, 1)
-        root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv, new_tokens_bound, root_step)
+        # Greedy trees need only each node's top children, among the draft vocabulary when the draft has
+        # one; sampling keeps every non-leaf q (over the whole vocabulary) on the tree.
+        greedy = draft_warpers is None and not sample_children
+        vocab_ids = self.draft.draft_vocab_ids if greedy else None
+        draft_vocabulary = vocab_ids is not None
+        root_logits = self._consume_committed(
+            tokens, seq_len, pad_start, target_kv, new_tokens_bound, root_step, draft_vocabulary
+        )
         root_tokens = tokens.gather(1, (seq_len - 1)[:, None])[:, 0]
         root_position = seq_len - 1 - pad_start
         tree = DraftTree.empty(root_tokens, beam_level_sizes(widths, root_logits.shape[-1]))
-        # Greedy trees need only each node's top children; sampling keeps every non-leaf q on the tree.
-        greedy = draft_warpers is None and not sample_children
-        logits = root_logits[:, None]  # (B, 1, V)
+        logits = root_logits[:, None]  # (B, 1, V), or (B, 1, draft_vocab_size)
         for level, width in enumerate(widths, start=1):
             parents = tree.level_slice(level - 1)
             parent_scores = tree.log_probs[:, parents]
             if greedy:
-                new_tokens, parent_local, scores = expand_level_greedy(logits, parent_scores, width)
+                new_tokens, parent_local, scores = expand_level_greedy(logits, parent_scores, width, vocab_ids)
             else:
                 log_probs = self._draft_log_probs(logits, draft_warpers)
                 tree.draft_log_probs.append(log_probs)
@@ -152,7 +157,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             if level == len(widths):
                 tree.fill_level(level, new_tokens, parent_local, scores)
                 break
-            logits = level_step(tree, level, new_tokens, parent_local, scores, root_position, target_kv)
+            logits = level_step(tree, level, new_tokens, parent_local, scores, root_position, target_kv, draft_vocabulary)
         return tree
 
     @torch.no_grad()
@@ -165,8 +170,15 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         first when more came in (the prompt, rounds without drafting). Arguments as in `propose_tree`.
         """
         if self.tree_widths:
+            # The root's logits are dropped; the draft vocabulary (when there is one) makes them cheaper.
             self._consume_committed(
-                tokens, seq_len, pad_start, self.target_kv(), new_tokens_bound, self._feed_ring_and_query_root
+                tokens,
+                seq_len,
+                pad_start,
+                self.target_kv(),
+                new_tokens_bound,
+                self._feed_ring_and_query_root,
+                self.draft.draft_vocab_ids is not None,
             )
 
     @staticmethod
@@ -188,13 +200,14 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         target_kv: TargetKV,
         new_tokens_bound: int | None,
         root_step: Callable[..., torch.Tensor],
+        draft_vocabulary: bool,
     ) -> torch.Tensor:
         """Feed each row's tokens the ring has not seen (at least the root); return the root's logits."""
         if new_tokens_bound is None:
             chunk = int((seq_len - self._first_unseen(seq_len, pad_start)).max())
         else:
             chunk = min(max(1, new_tokens_bound), self.cache.window)
-        return root_step(tokens, seq_len, pad_start, target_kv, chunk)
+        return root_step(tokens, seq_len, pad_start, target_kv, chunk, draft_vocabulary)
 
     def _first_unseen(self, seq_len: torch.Tensor, pad_start: torch.Tensor) -> torch.Tensor:
         """`(B,)` each row's first token the ring has not seen (within the window, past the padding)."""
@@ -203,17 +216,24 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         return torch.maximum(first, pad_start)
 
     def _feed_ring_and_query_root(
-        self, tokens: torch.Tensor, seq_len: torch.Tensor, pad_start: torch.Tensor, target_kv: TargetKV, chunk: int
+        self,
+        tokens: torch.Tensor,
+        seq_len: torch.Tensor,
+        pad_start: torch.Tensor,
+        target_kv: TargetKV,
+        chunk: int,
+        draft_vocabulary: bool = False,
     ) -> torch.Tensor:
         """Feed the last `chunk` tokens of every row to the ring (those it has seen already are padding);
-        `(B, V)` logits of each row's root. Shapes depend only on `chunk`: compiled as one piece."""
+        `(B, V)` logits of each row's root (over the draft vocabulary with `draft_vocabulary`). Shapes
+        depend only on `chunk`: compiled as one piece."""
         first = self._first_unseen(seq_len, pad_start)
         # The chunk ends at each row's root; entries before the row's first unseen token are padding.
         slots = (seq_len - chunk)[:, None] + torch.arange(chunk, device=tokens.device)
         valid = slots >= first[:, None]
         slots = torch.maximum(slots, first[:, None])
         logits = self.draft.append_and_query_root(
-            tokens.gather(1, slots), slots - pad_start[:, None], valid, self.cache, target_kv
+            tokens.gather(1, slots), slots - pad_start[:, None], valid, self.cache, target_kv, draft_vocabulary
         )
         self.cache.seen_len.copy_(seq_len)
         return logits
@@ -227,15 +247,19 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         scores: torch.Tensor,
         root_position: torch.Tensor,
         target_kv: TargetKV,
+        draft_vocabulary: bool = False,
     ) -> torch.Tensor:
         """Write level `level` into `tree` (see `DraftTree.fill_level`) and run the draft block over its
-        nodes at their positions below each row's root (`root_position`, `(B,)`): `(B, n, V)` logits."""
+        nodes at their positions below each row's root (`root_position`, `(B,)`): `(B, n, V)` logits
+        (over the draft vocabulary with `draft_vocabulary`)."""
         tree.fill_level(level, tokens, parent_local, scores)
         nodes = tree.level_slice(level)
         # Scratch slot of node i is i - 1 (the root lives in the ring).
         visible = tree.ancestors[:, nodes, 1 : nodes.stop]
         positions = (root_position[:, None] + level).expand_as(tokens)
-        return self.draft.query_tree_level(tokens, positions, nodes.start - 1, visible, self.cache, target_kv)
+        return self.draft.query_tree_level(
+            tokens, positions, nodes.start - 1, visible, self.cache, target_kv, draft_vocabulary
+        )
 
     # ----- transformers CandidateGenerator API (batch size 1, chains) --------------------------------------
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:

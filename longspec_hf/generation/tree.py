@@ -320,14 +320,19 @@ def expand_level(
 
 
 def expand_level_greedy(
-    logits: torch.Tensor, parent_scores: torch.Tensor, width: int
+    logits: torch.Tensor, parent_scores: torch.Tensor, width: int, vocab_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`expand_level` in greedy mode, from the draft's raw logits `(B, n, V)`: only each parent's top
-    children are normalised (`kernels.topk_log_softmax`), never the whole `(B, n, V)` log-softmax."""
+    children are normalised (`kernels.topk_log_softmax`), never the whole `(B, n, V)` log-softmax.
+
+    With `vocab_ids` `(V,)` (a draft vocabulary, increasing token ids) the logits are over those tokens
+    only; the children are the same as from logits over the whole vocabulary that are -inf elsewhere."""
     batch, num_parents, vocab = logits.shape
     width = min(width, num_parents * vocab)
     per_parent = min(width, vocab)
     child_scores, child_tokens = kernels.topk_log_softmax(logits.reshape(-1, vocab), per_parent)
+    if vocab_ids is not None:
+        child_tokens = vocab_ids[child_tokens]
     shape = (batch, num_parents, per_parent)
     return kernels.beam_select(child_scores.view(shape), child_tokens.view(shape), parent_scores, width)
 

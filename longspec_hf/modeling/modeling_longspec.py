@@ -6,7 +6,8 @@ For a token `x` at absolute position `t` the block computes
     h = h + SelfAttn(norm1(h))    # causal, over the draft's own last `sliding_window` tokens
     h = h + CrossAttn(norm2(h))   # keys/values = the target's last-layer KV cache, committed slots only
     h = h + MLP(norm3(h))         # SwiGLU
-    logits = lm_head(h)           # the target's head, no final norm
+    logits = lm_head(h)           # the target's head, no final norm (greedy drafting: optionally only
+                                  # the rows of a draft vocabulary, `draft_vocab_ids`)
 
 Because the self-attention key/value of a token depend only on the token and its position, the
 draft's cache is a ring of `sliding_window` slots plus scratch slots for the tree being drafted: its
@@ -15,6 +16,7 @@ size does not depend on the context length. The cross-attention needs no cache o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -243,6 +245,14 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         self.post_cross_attention_layernorm = LongSpecRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LongSpecMLP(config)
         self._target: TargetParts | None = None
+        # Token ids greedy drafting scores (sorted), saved with the weights; None: the whole vocabulary.
+        self.register_buffer("draft_vocab_ids", None)
+        if config.draft_vocab_size is not None:
+            self.register_buffer("draft_vocab_ids", torch.arange(config.draft_vocab_size))
+        # The LM head's rows (weight, and bias if any) for draft_vocab_ids, and what they were taken from
+        # (see _draft_vocab_head).
+        self._draft_head: tuple[torch.Tensor, ...] | None = None
+        self._draft_head_source: tuple[int, ...] | None = None
         # The draft's decoding defaults (tree widths) travel in generation_config.json beside its weights.
         self.generation_config = GenerationConfig(tree_widths=list(config.tree_widths))
         self.post_init()
@@ -382,6 +392,69 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         self._target = TargetParts(
             embed_tokens=target.get_input_embeddings(), rotary_emb=base.rotary_emb, lm_head=target.get_output_embeddings()
         )
+        self._draft_vocab_head()
+
+    def set_draft_vocabulary(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
+        """Make greedy drafting score only `token_ids` (None: the whole vocabulary again).
+
+        Each tree level then multiplies by those rows of the target's LM head and ranks only them: with
+        a 128k-token vocabulary most of a level's memory traffic is the head. Outputs do not change (the
+        target verifies every proposal); acceptance drops only when the target's choice is outside the
+        set, so take the tokens that are frequent in the text the draft will see. The ids are saved with
+        the draft (`draft_vocab_ids`, config `draft_vocab_size`).
+        """
+        if token_ids is None:
+            self.config.draft_vocab_size = None
+            self.register_buffer("draft_vocab_ids", None)
+        else:
+            ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique()  # sorted
+            vocab_size = self.config.target_vocab_size
+            if ids.numel() == 0 or int(ids[0]) < 0 or (vocab_size is not None and int(ids[-1]) >= vocab_size):
+                raise ValueError(
+                    f"A draft vocabulary needs at least one token id, all in [0, {vocab_size}) (the target's "
+                    f"vocabulary); got {ids.numel()} ids" + (f" from {int(ids[0])} to {int(ids[-1])}" if ids.numel() else "")
+                )
+            self.config.draft_vocab_size = ids.numel()
+            self.register_buffer("draft_vocab_ids", ids.to(self.device))
+        self._draft_head = self._draft_head_source = None
+
+    def _draft_vocab_head(self) -> None:
+        """Take the LM head's rows for `draft_vocab_ids` (after `attach_target`).
+
+        Kept between calls at one address, which CUDA graphs of the draft read: made anew only for
+        another head or vocabulary, refreshed in place when the head's weights changed in place."""
+        ids = self.draft_vocab_ids
+        if ids is None:
+            self._draft_head = self._draft_head_source = None
+            return
+        lm_head = self.target_parts.lm_head
+        weight = getattr(lm_head, "weight", None)
+        bias = getattr(lm_head, "bias", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(
+                "This draft has a draft vocabulary (config draft_vocab_size), which needs a target whose output "
+                f"embedding holds a 2-D weight; {type(lm_head).__name__} does not. Call "
+                "draft.set_draft_vocabulary(None) to draft over the whole vocabulary."
+            )
+        source = (weight.data_ptr(), weight._version, ids.data_ptr(), ids._version)
+        source += (bias.data_ptr(), bias._version) if bias is not None else ()
+        if source == self._draft_head_source:
+            return
+        if ids.dim() != 1 or not bool((ids[1:] > ids[:-1]).all()) or int(ids[0]) < 0 or int(ids[-1]) >= weight.shape[0]:
+            raise ValueError(
+                f"draft_vocab_ids must be increasing token ids below the target's vocabulary size {weight.shape[0]}; "
+                "the checkpoint is corrupt or made for another target. Re-save it, or call "
+                "draft.set_draft_vocabulary(None)."
+            )
+        rows = ids.to(weight.device)
+        head = tuple(t.detach().index_select(0, rows) for t in (weight, bias) if t is not None)
+        kept = self._draft_head
+        if kept is not None and [(t.shape, t.dtype, t.device) for t in kept] == [(t.shape, t.dtype, t.device) for t in head]:
+            for old, new in zip(kept, head):
+                old.copy_(new)
+        else:
+            self._draft_head = head
+        self._draft_head_source = source
 
     @property
     def target_parts(self) -> TargetParts:
@@ -402,7 +475,11 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.target_parts.rotary_emb(hidden, position_ids=position_ids.clamp(min=0))
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, draft_vocabulary: bool = False) -> torch.Tensor:
+        """Logits over the target's vocabulary, or with `draft_vocabulary` over `draft_vocab_ids` (when set)."""
+        if draft_vocabulary and self._draft_head is not None:
+            weight_and_bias = self._draft_head
+            return F.linear(hidden.to(weight_and_bias[0].dtype), *weight_and_bias)
         lm_head = self.target_parts.lm_head
         return lm_head(hidden.to(lm_head.weight.dtype))
 
@@ -422,6 +499,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         valid: torch.Tensor,
         cache: DraftCache,
         target_kv: TargetKV,
+        draft_vocabulary: bool = False,
     ) -> torch.Tensor:
         """Write committed tokens into the ring and return the logits of each row's last valid token.
 
@@ -431,9 +509,11 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             cache: the draft cache, updated in place.
             target_kv: the target's committed last-layer cache; the returned root at position `t` reads
                 positions `< t`, which must be exactly the committed slots.
+            draft_vocabulary: return logits over `draft_vocab_ids` only (when the draft has them).
 
         Returns:
-            `(B, vocab)` logits at each row's last valid token.
+            `(B, vocab)` logits at each row's last valid token (`(B, draft_vocab_size)` with
+            `draft_vocabulary`).
         """
         batch, chunk = input_ids.shape
         if chunk > cache.window:
@@ -469,7 +549,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             differentiable=False,
         )
         hidden = self._finish_block(root_hidden, attn, root_cos, root_sin, target_kv)
-        return self._logits(hidden)[:, 0]
+        return self._logits(hidden, draft_vocabulary)[:, 0]
 
     @torch.no_grad()
     def query_tree_level(
@@ -480,6 +560,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         tree_visible: torch.Tensor,
         cache: DraftCache,
         target_kv: TargetKV,
+        draft_vocabulary: bool = False,
     ) -> torch.Tensor:
         """Draft one tree level: store its K/V in scratch slots `[scratch_start, scratch_start + n)`.
 
@@ -487,10 +568,10 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             input_ids, position_ids: `(B, n)` tokens and absolute positions of the level's nodes.
             tree_visible: `(B, n, scratch_start + n)` boolean; True where a node sees a scratch node
                 (its ancestors below the root, and itself).
-            cache, target_kv: as in [`append_and_query_root`]; the ring must hold the root.
+            cache, target_kv, draft_vocabulary: as in [`append_and_query_root`]; the ring must hold the root.
 
         Returns:
-            `(B, n, vocab)` logits.
+            `(B, n, vocab)` logits (`(B, n, draft_vocab_size)` with `draft_vocabulary`).
         """
         num_nodes = input_ids.shape[1]
         hidden = self._embed(input_ids)
@@ -505,7 +586,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         value_all = cache.value_slots[:, :, : cache.window + end]
         visible = torch.cat([self._ring_visibility(cache, position_ids), tree_visible], dim=2)
         attn = self.self_attn(normed, cos, sin, key_all, value_all, visible, differentiable=False)
-        return self._logits(self._finish_block(hidden, attn, cos, sin, target_kv))
+        return self._logits(self._finish_block(hidden, attn, cos, sin, target_kv), draft_vocabulary)
 
     @staticmethod
     def _ring_visibility(cache: DraftCache, query_positions: torch.Tensor) -> torch.Tensor:

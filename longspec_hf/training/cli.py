@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
 
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 target and no autocast on CUDA")
+    parser.add_argument("--draft-vocab", type=int, default=None,
+                        help="export with a draft vocabulary of this many of the training data's most frequent tokens")
     parser.add_argument("--save-dtype", choices=("bfloat16", "float16", "float32"), default=defaults.save_dtype)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
     parser.add_argument("--eval-batches", type=int, default=defaults.eval_batches)

@@ -90,6 +90,14 @@ def pack_token_sequences(
     return torch.stack(rows)
 
 
+def most_frequent_tokens(sequences: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` token ids that occur most often in `sequences` (any shape), most frequent first;
+    ties and tokens that never occur are taken in id order."""
+    frequency = torch.bincount(sequences.flatten().long())
+    frequency = torch.cat([frequency, frequency.new_zeros(max(0, count - len(frequency)))])
+    return torch.sort(frequency, descending=True, stable=True).indices[:count]
+
+
 def split_held_out(sequences: torch.Tensor, held_out_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle rows of `(N, L)` with `seed` and return `(train, held_out)`; held out gets at least one row."""
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(seed))

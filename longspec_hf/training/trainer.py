@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 
 from ..modeling import LongSpecDraftConfig, LongSpecDraftModel
 from .anchor_offset import MAX_CROSS_LAG, anchor_offset_position_ids, sample_cross_lag
-from .data import DEFAULT_EXTENSIONS, hf_tokenize_function, iter_texts, pack_token_sequences, split_held_out
+from .data import (
+    DEFAULT_EXTENSIONS,
+    hf_tokenize_function,
+    iter_texts,
+    most_frequent_tokens,
+    pack_token_sequences,
+    split_held_out,
+)
 from .distill import distillation_loss, greedy_acceptance, lag_mask, run_target
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -81,6 +88,9 @@ class TrainingConfig:
 
     bf16: bool = True  # bf16 target and autocast when running on CUDA (fp32 on CPU regardless)
     save_dtype: str = "bfloat16"  # dtype of the final exported draft
+    # Export the draft with a draft vocabulary: the `draft_vocab` tokens most frequent in the training
+    # data (greedy drafting then scores only those; see LongSpecDraftModel.set_draft_vocabulary).
+    draft_vocab: int | None = None
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
@@ -432,11 +442,16 @@ class DraftTrainer:
         if self.config.lora:
             draft = draft.merge_and_unload()  # a plain draft: inference code knows nothing of adapters
             state_dict = draft.state_dict()
+        if self.config.draft_vocab:
+            draft.set_draft_vocabulary(most_frequent_tokens(self.train_sequences, self.config.draft_vocab))
+            state_dict = {**state_dict, "draft_vocab_ids": draft.draft_vocab_ids}
         if accelerator.is_main_process:
             dtype = getattr(torch, self.config.save_dtype)
             trained_dtype = draft.config.dtype
             draft.config.dtype = dtype  # config.json records the dtype of the saved weights
-            draft.save_pretrained(self.config.output_dir, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
+            # Weights in the save dtype; integer buffers (the draft vocabulary's token ids) as they are.
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+            draft.save_pretrained(self.config.output_dir, state_dict=state_dict)
             draft.config.dtype = trained_dtype
         accelerator.wait_for_everyone()
         return draft
