@@ -1,6 +1,6 @@
 """Give a saved draft a draft vocabulary: the N tokens most frequent in the Python files of a corpus.
 
-Greedy drafting then scores only those tokens (`LongSpecDraftModel.set_draft_vocabulary`); outputs do
+Drafting then scores only those tokens (`LongSpecDraftModel.set_draft_vocabulary`); outputs do
 not change. The bundled SmolLM2 draft got its vocabulary this way (16384 tokens, counted over 20M
 characters of the site-packages folder holding transformers, the kind of text it was trained on; its
 acceptance with that vocabulary is in BENCHMARKS.md, "Draft vocabulary"):

@@ -188,7 +188,7 @@ def render_card(base_model: str, config: LongSpecDraftConfig) -> str:
         "or converted from a published LongSpec checkpoint with `longspec convert`.\n"
     )
     vocabulary = "" if config.draft_vocab_size is None else (
-        f" Greedy drafting scores only {config.draft_vocab_size} of the target's {config.target_vocab_size}\n"
+        f" The draft scores only {config.draft_vocab_size} of the target's {config.target_vocab_size}\n"
         "tokens (`draft_vocab_ids`, the most frequent ones in text like the draft's training text), so a tree\n"
         "level reads only their rows of the LM head; outputs do not change. `draft.set_draft_vocabulary(None)`\n"
         "drafts over the whole vocabulary."

@@ -1,4 +1,4 @@
-"""A draft vocabulary: greedy drafting scores only some of the target's tokens; outputs stay exact."""
+"""A draft vocabulary: drafting scores only some of the target's tokens; outputs stay exact."""
 
 from __future__ import annotations
 
@@ -103,16 +103,40 @@ def test_a_draft_vocabulary_of_the_likely_tokens_keeps_acceptance():
     assert accepted(generated + others) >= whole
 
 
-def test_sampling_drafts_over_the_whole_vocabulary():
+def test_sampling_drafts_from_a_q_that_is_zero_outside_the_draft_vocabulary():
+    """Sampling mode: the tree's tokens come from the vocabulary, and the q kept for verification is the
+    warped softmax over it, zero elsewhere (the rules then stay exact: test_sampling.py)."""
+    from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper
+
     target = make_target("llama", seed=12)
     draft = make_draft(target, seed=13)
-    prompt = torch.randint(3, target.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(14))
-    kwargs = dict(max_new_tokens=30, do_sample=True, temperature=0.8, assistant_model=draft)
+    vocab = target.config.vocab_size
+    ids = sorted(some_tokens(vocab, 30, seed=14))
+    draft.set_draft_vocabulary(ids)
+    batch, context = 2, 20
+    target_kv = TargetKV(
+        key=torch.randn(batch, 2, context, 8), value=torch.randn(batch, 2, context, 8),
+        start=torch.zeros(batch, dtype=torch.long), end=torch.full((batch,), context),
+    )
+    drafter = drafter_for(draft, target, batch, target_kv, [3, 5])
+    tokens = torch.randint(3, vocab, (batch, 30))
+    seq_len, pad_start = torch.tensor([21, 21]), torch.zeros(batch, dtype=torch.long)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7)])
     torch.manual_seed(15)
-    whole = target.generate(prompt, **kwargs)
-    draft.set_draft_vocabulary([5, 6, 7])
+    tree = drafter.propose_tree(tokens, seq_len, pad_start, draft_warpers=warpers, sample_children=True)
+    assert bool(torch.isin(tree.tokens[:, 1:], torch.tensor(ids)).all())
+    root_q = tree.draft_log_probs[0][:, 0]  # (B, V)
+    outside = torch.ones(vocab, dtype=torch.bool)
+    outside[ids] = False
+    assert bool(torch.isneginf(root_q[:, outside]).all())
+    # On the vocabulary: the warped softmax of the draft's logits over those tokens alone.
+    whole = copy.deepcopy(draft)
+    whole.set_draft_vocabulary(None)
+    whole_drafter = drafter_for(whole, target, batch, target_kv, [3, 5])
     torch.manual_seed(15)
-    assert torch.equal(target.generate(prompt, **kwargs), whole)
+    whole_q = whole_drafter.propose_tree(tokens, seq_len, pad_start, draft_warpers=warpers, sample_children=True).draft_log_probs[0][:, 0]
+    expected = torch.log_softmax(whole_q[:, ids], dim=-1)
+    torch.testing.assert_close(root_q[:, ids], expected)
 
 
 def test_draft_vocabulary_is_saved_and_loaded(tmp_path):

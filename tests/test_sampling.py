@@ -157,6 +157,20 @@ def test_sampled_tokens_follow_the_target_distribution(pair, case, rule):
     assert matches(result), result
 
 
+@pytest.mark.parametrize("case", ["temperature", "top_k"])
+@pytest.mark.parametrize("rule", ["point_mass", "recursive_rejection"])
+def test_sampling_over_a_draft_vocabulary_follows_the_target_distribution(case, rule):
+    """The draft scores half of the vocabulary (q is zero on the rest, likely tokens included), which the
+    target's distribution must not notice."""
+    target, draft = make_pair()
+    draft.set_draft_vocabulary(range(0, VOCAB, 2))
+    kwargs = generation_kwargs(case)
+    exact = exact_distribution(target, kwargs)
+    torch.manual_seed(0)
+    result = compare(exact, sampled_distribution(target, draft, kwargs, rule))
+    assert matches(result), result
+
+
 # A repetitive prompt: its suffix "7 5 9" occurred before, so prompt-lookup chains are found in every
 # round (the draws continue it in many different ways, so rows find different numbers of chains).
 REPEATING_PROMPT = torch.tensor([[5, 9, 14, 7, 5, 9, 14, 7, 5, 9, 3, 7, 5, 9]])

@@ -131,10 +131,10 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             for tensor in (target_kv.key, target_kv.value):
                 torch._dynamo.maybe_mark_dynamic(tensor, 2)
             torch._dynamo.maybe_mark_dynamic(tokens, 1)
-        # Greedy trees need only each node's top children, among the draft vocabulary when the draft has
-        # one; sampling keeps every non-leaf q (over the whole vocabulary) on the tree.
+        # Greedy trees need only each node's top children; sampling keeps every non-leaf q on the tree.
+        # With a draft vocabulary the draft scores only its tokens, and q is zero on all others.
         greedy = draft_warpers is None and not sample_children
-        vocab_ids = self.draft.draft_vocab_ids if greedy else None
+        vocab_ids = self.draft.draft_vocab_ids
         draft_vocabulary = vocab_ids is not None
         root_logits = self._consume_committed(
             tokens, seq_len, pad_start, target_kv, new_tokens_bound, root_step, draft_vocabulary
@@ -149,7 +149,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             if greedy:
                 new_tokens, parent_local, scores = expand_level_greedy(logits, parent_scores, width, vocab_ids)
             else:
-                log_probs = self._draft_log_probs(logits, draft_warpers)
+                log_probs = self._draft_log_probs(logits, draft_warpers, vocab_ids)
                 tree.draft_log_probs.append(log_probs)
                 new_tokens, parent_local, scores = expand_level(
                     log_probs, parent_scores, width, sample_children=sample_children
@@ -181,16 +181,26 @@ class LongSpecCandidateGenerator(CandidateGenerator):
                 self.draft.draft_vocab_ids is not None,
             )
 
-    @staticmethod
-    def _draft_log_probs(logits: torch.Tensor, draft_warpers: LogitsProcessorList | None) -> torch.Tensor:
-        """`(B, n, V)` float32 log q from `(B, n, V)` draft logits; warpers applied when given."""
+    def _draft_log_probs(
+        self, logits: torch.Tensor, draft_warpers: LogitsProcessorList | None, vocab_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`(B, n, V)` float32 log q from `(B, n, V)` draft logits; warpers applied when given.
+
+        With `vocab_ids` `(V',)` the logits `(B, n, V')` are over a draft vocabulary: q is their warped
+        softmax on those tokens and zero (log q = -inf) on every other token of the target's `V`."""
         scores = logits.float()
         if draft_warpers:
             batch, count, vocab = scores.shape
-            # Scores-only warpers ignore input_ids; they get a placeholder of the right batch size.
+            # Scores-only warpers ignore input_ids (and token ids: they work on any set of scores); they
+            # get a placeholder of the right batch size.
             placeholder = torch.zeros(batch * count, 1, dtype=torch.long, device=scores.device)
             scores = draft_warpers(placeholder, scores.reshape(-1, vocab)).view(batch, count, vocab)
-        return torch.log_softmax(scores, dim=-1)
+        log_probs = torch.log_softmax(scores, dim=-1)
+        if vocab_ids is None:
+            return log_probs
+        full_vocab = self.draft.target_parts.lm_head.weight.shape[0]
+        full = log_probs.new_full((*log_probs.shape[:-1], full_vocab), float("-inf"))
+        return full.scatter_(-1, vocab_ids.expand_as(log_probs), log_probs)
 
     def _consume_committed(
         self,

@@ -35,10 +35,11 @@ class LongSpecDraftConfig(PretrainedConfig):
         target_head_dim, target_max_position_embeddings, target_rope_parameters, target_model_type,
         target_name_or_path: the target this draft was made for.
         tree_widths: default number of nodes per tree level.
-        draft_vocab_size: when set, greedy drafting scores only this many of the target's tokens (the
+        draft_vocab_size: when set, the draft scores only this many of the target's tokens (the
             model's `draft_vocab_ids`, e.g. the most frequent ones): a smaller slice of the LM head to read
-            and to rank per tree level. Verification is unchanged, so outputs are too; sampling drafts
-            over the whole vocabulary. See [`LongSpecDraftModel.set_draft_vocabulary`].
+            and to rank per tree level. Verification is unchanged, so outputs (greedy) and their
+            distribution (sampling, where q is zero on the other tokens) are too. See
+            [`LongSpecDraftModel.set_draft_vocabulary`].
     """
 
     model_type = "longspec_draft"
@@ -90,7 +91,7 @@ class LongSpecDraftConfig(PretrainedConfig):
         self.target_model_type = target_model_type
         self.target_name_or_path = target_name_or_path
         self.tree_widths = list(tree_widths) if tree_widths is not None else [4, 16, 16, 16, 16]
-        # Greedy drafting proposes only these many tokens (the model's `draft_vocab_ids`); None: all.
+        # The draft proposes only these many tokens (the model's `draft_vocab_ids`); None: all.
         self.draft_vocab_size = draft_vocab_size
         # The draft predicts tokens of the target's vocabulary (transformers compares assistants by this).
         self.vocab_size = target_vocab_size

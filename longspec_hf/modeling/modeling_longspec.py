@@ -6,7 +6,7 @@ For a token `x` at absolute position `t` the block computes
     h = h + SelfAttn(norm1(h))    # causal, over the draft's own last `sliding_window` tokens
     h = h + CrossAttn(norm2(h))   # keys/values = the target's last-layer KV cache, committed slots only
     h = h + MLP(norm3(h))         # SwiGLU
-    logits = lm_head(h)           # the target's head, no final norm (greedy drafting: optionally only
+    logits = lm_head(h)           # the target's head, no final norm (when drafting, optionally only
                                   # the rows of a draft vocabulary, `draft_vocab_ids`)
 
 Because the self-attention key/value of a token depend only on the token and its position, the
@@ -245,7 +245,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         self.post_cross_attention_layernorm = LongSpecRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LongSpecMLP(config)
         self._target: TargetParts | None = None
-        # Token ids greedy drafting scores (sorted), saved with the weights; None: the whole vocabulary.
+        # Token ids drafting scores (sorted), saved with the weights; None: the whole vocabulary.
         self.register_buffer("draft_vocab_ids", None)
         if config.draft_vocab_size is not None:
             self.register_buffer("draft_vocab_ids", torch.arange(config.draft_vocab_size))
@@ -395,11 +395,12 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         self._draft_vocab_head()
 
     def set_draft_vocabulary(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
-        """Make greedy drafting score only `token_ids` (None: the whole vocabulary again).
+        """Make drafting score only `token_ids` (None: the whole vocabulary again).
 
         Each tree level then multiplies by those rows of the target's LM head and ranks only them: with
         a 128k-token vocabulary most of a level's memory traffic is the head. Outputs do not change (the
-        target verifies every proposal); acceptance drops only when the target's choice is outside the
+        target verifies every proposal; when sampling, the draft's q is zero outside the set, which the
+        verification rules allow for); acceptance drops only when the target's choice is outside the
         set, so take the tokens that are frequent in the text the draft will see. The ids are saved with
         the draft (`draft_vocab_ids`, config `draft_vocab_size`).
         """

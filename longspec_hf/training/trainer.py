@@ -89,7 +89,7 @@ class TrainingConfig:
     bf16: bool = True  # bf16 target and autocast when running on CUDA (fp32 on CPU regardless)
     save_dtype: str = "bfloat16"  # dtype of the final exported draft
     # Export the draft with a draft vocabulary: the `draft_vocab` tokens most frequent in the training
-    # data (greedy drafting then scores only those; see LongSpecDraftModel.set_draft_vocabulary).
+    # data (drafting then scores only those; see LongSpecDraftModel.set_draft_vocabulary).
     draft_vocab: int | None = None
     eval_every: int = 100
     eval_batches: int = 8
