@@ -197,3 +197,7 @@ def test_the_draft_heads_rows_follow_in_place_updates_of_the_target_head():
     draft.attach_target(target)
     assert draft._draft_head[0] is rows
     assert torch.equal(rows, head[[2, 9, 30]])
+    # A new vocabulary set while the target stays attached is used from the next drafting step on.
+    draft.set_draft_vocabulary([1, 5])
+    hidden = torch.randn(1, 3, target.config.hidden_size)
+    torch.testing.assert_close(draft._logits(hidden, draft_vocabulary=True), draft._logits(hidden)[..., [1, 5]])

@@ -135,10 +135,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         # With a draft vocabulary the draft scores only its tokens, and q is zero on all others.
         greedy = draft_warpers is None and not sample_children
         vocab_ids = self.draft.draft_vocab_ids
-        draft_vocabulary = vocab_ids is not None
-        root_logits = self._consume_committed(
-            tokens, seq_len, pad_start, target_kv, new_tokens_bound, root_step, draft_vocabulary
-        )
+        root_logits = self._consume_committed(tokens, seq_len, pad_start, target_kv, new_tokens_bound, root_step)
         root_tokens = tokens.gather(1, (seq_len - 1)[:, None])[:, 0]
         root_position = seq_len - 1 - pad_start
         tree = DraftTree.empty(root_tokens, beam_level_sizes(widths, root_logits.shape[-1]))
@@ -157,7 +154,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             if level == len(widths):
                 tree.fill_level(level, new_tokens, parent_local, scores)
                 break
-            logits = level_step(tree, level, new_tokens, parent_local, scores, root_position, target_kv, draft_vocabulary)
+            logits = level_step(tree, level, new_tokens, parent_local, scores, root_position, target_kv)
         return tree
 
     @torch.no_grad()
@@ -170,15 +167,8 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         first when more came in (the prompt, rounds without drafting). Arguments as in `propose_tree`.
         """
         if self.tree_widths:
-            # The root's logits are dropped; the draft vocabulary (when there is one) makes them cheaper.
             self._consume_committed(
-                tokens,
-                seq_len,
-                pad_start,
-                self.target_kv(),
-                new_tokens_bound,
-                self._feed_ring_and_query_root,
-                self.draft.draft_vocab_ids is not None,
+                tokens, seq_len, pad_start, self.target_kv(), new_tokens_bound, self._feed_ring_and_query_root
             )
 
     def _draft_log_probs(
@@ -210,14 +200,13 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         target_kv: TargetKV,
         new_tokens_bound: int | None,
         root_step: Callable[..., torch.Tensor],
-        draft_vocabulary: bool,
     ) -> torch.Tensor:
         """Feed each row's tokens the ring has not seen (at least the root); return the root's logits."""
         if new_tokens_bound is None:
             chunk = int((seq_len - self._first_unseen(seq_len, pad_start)).max())
         else:
             chunk = min(max(1, new_tokens_bound), self.cache.window)
-        return root_step(tokens, seq_len, pad_start, target_kv, chunk, draft_vocabulary)
+        return root_step(tokens, seq_len, pad_start, target_kv, chunk)
 
     def _first_unseen(self, seq_len: torch.Tensor, pad_start: torch.Tensor) -> torch.Tensor:
         """`(B,)` each row's first token the ring has not seen (within the window, past the padding)."""
@@ -226,24 +215,18 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         return torch.maximum(first, pad_start)
 
     def _feed_ring_and_query_root(
-        self,
-        tokens: torch.Tensor,
-        seq_len: torch.Tensor,
-        pad_start: torch.Tensor,
-        target_kv: TargetKV,
-        chunk: int,
-        draft_vocabulary: bool = False,
+        self, tokens: torch.Tensor, seq_len: torch.Tensor, pad_start: torch.Tensor, target_kv: TargetKV, chunk: int
     ) -> torch.Tensor:
         """Feed the last `chunk` tokens of every row to the ring (those it has seen already are padding);
-        `(B, V)` logits of each row's root (over the draft vocabulary with `draft_vocabulary`). Shapes
-        depend only on `chunk`: compiled as one piece."""
+        `(B, V)` logits of each row's root (`V`: the draft vocabulary's size when the draft has one).
+        Shapes depend only on `chunk`: compiled as one piece."""
         first = self._first_unseen(seq_len, pad_start)
         # The chunk ends at each row's root; entries before the row's first unseen token are padding.
         slots = (seq_len - chunk)[:, None] + torch.arange(chunk, device=tokens.device)
         valid = slots >= first[:, None]
         slots = torch.maximum(slots, first[:, None])
         logits = self.draft.append_and_query_root(
-            tokens.gather(1, slots), slots - pad_start[:, None], valid, self.cache, target_kv, draft_vocabulary
+            tokens.gather(1, slots), slots - pad_start[:, None], valid, self.cache, target_kv
         )
         self.cache.seen_len.copy_(seq_len)
         return logits
@@ -257,19 +240,15 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         scores: torch.Tensor,
         root_position: torch.Tensor,
         target_kv: TargetKV,
-        draft_vocabulary: bool = False,
     ) -> torch.Tensor:
         """Write level `level` into `tree` (see `DraftTree.fill_level`) and run the draft block over its
-        nodes at their positions below each row's root (`root_position`, `(B,)`): `(B, n, V)` logits
-        (over the draft vocabulary with `draft_vocabulary`)."""
+        nodes at their positions below each row's root (`root_position`, `(B,)`): `(B, n, V)` logits."""
         tree.fill_level(level, tokens, parent_local, scores)
         nodes = tree.level_slice(level)
         # Scratch slot of node i is i - 1 (the root lives in the ring).
         visible = tree.ancestors[:, nodes, 1 : nodes.stop]
         positions = (root_position[:, None] + level).expand_as(tokens)
-        return self.draft.query_tree_level(
-            tokens, positions, nodes.start - 1, visible, self.cache, target_kv, draft_vocabulary
-        )
+        return self.draft.query_tree_level(tokens, positions, nodes.start - 1, visible, self.cache, target_kv)
 
     # ----- transformers CandidateGenerator API (batch size 1, chains) --------------------------------------
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:

@@ -477,8 +477,11 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         return self.target_parts.rotary_emb(hidden, position_ids=position_ids.clamp(min=0))
 
     def _logits(self, hidden: torch.Tensor, draft_vocabulary: bool = False) -> torch.Tensor:
-        """Logits over the target's vocabulary, or with `draft_vocabulary` over `draft_vocab_ids` (when set)."""
-        if draft_vocabulary and self._draft_head is not None:
+        """Logits over the target's vocabulary, or with `draft_vocabulary` over `draft_vocab_ids` when the
+        draft has them (drafting; training scores the whole vocabulary)."""
+        if draft_vocabulary and self.draft_vocab_ids is not None:
+            if self._draft_head is None:
+                self._draft_vocab_head()
             weight_and_bias = self._draft_head
             return F.linear(hidden.to(weight_and_bias[0].dtype), *weight_and_bias)
         lm_head = self.target_parts.lm_head
@@ -500,7 +503,6 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         valid: torch.Tensor,
         cache: DraftCache,
         target_kv: TargetKV,
-        draft_vocabulary: bool = False,
     ) -> torch.Tensor:
         """Write committed tokens into the ring and return the logits of each row's last valid token.
 
@@ -510,11 +512,10 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             cache: the draft cache, updated in place.
             target_kv: the target's committed last-layer cache; the returned root at position `t` reads
                 positions `< t`, which must be exactly the committed slots.
-            draft_vocabulary: return logits over `draft_vocab_ids` only (when the draft has them).
 
         Returns:
-            `(B, vocab)` logits at each row's last valid token (`(B, draft_vocab_size)` with
-            `draft_vocabulary`).
+            `(B, vocab)` logits at each row's last valid token; with a draft vocabulary `(B,
+            draft_vocab_size)`, over `draft_vocab_ids`.
         """
         batch, chunk = input_ids.shape
         if chunk > cache.window:
@@ -550,7 +551,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             differentiable=False,
         )
         hidden = self._finish_block(root_hidden, attn, root_cos, root_sin, target_kv)
-        return self._logits(hidden, draft_vocabulary)[:, 0]
+        return self._logits(hidden, draft_vocabulary=True)[:, 0]
 
     @torch.no_grad()
     def query_tree_level(
@@ -561,7 +562,6 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         tree_visible: torch.Tensor,
         cache: DraftCache,
         target_kv: TargetKV,
-        draft_vocabulary: bool = False,
     ) -> torch.Tensor:
         """Draft one tree level: store its K/V in scratch slots `[scratch_start, scratch_start + n)`.
 
@@ -569,10 +569,10 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             input_ids, position_ids: `(B, n)` tokens and absolute positions of the level's nodes.
             tree_visible: `(B, n, scratch_start + n)` boolean; True where a node sees a scratch node
                 (its ancestors below the root, and itself).
-            cache, target_kv, draft_vocabulary: as in [`append_and_query_root`]; the ring must hold the root.
+            cache, target_kv: as in [`append_and_query_root`]; the ring must hold the root.
 
         Returns:
-            `(B, n, vocab)` logits (`(B, n, draft_vocab_size)` with `draft_vocabulary`).
+            `(B, n, vocab)` logits; with a draft vocabulary `(B, n, draft_vocab_size)`.
         """
         num_nodes = input_ids.shape[1]
         hidden = self._embed(input_ids)
@@ -587,7 +587,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         value_all = cache.value_slots[:, :, : cache.window + end]
         visible = torch.cat([self._ring_visibility(cache, position_ids), tree_visible], dim=2)
         attn = self.self_attn(normed, cos, sin, key_all, value_all, visible, differentiable=False)
-        return self._logits(self._finish_block(hidden, attn, cos, sin, target_kv), draft_vocabulary)
+        return self._logits(self._finish_block(hidden, attn, cos, sin, target_kv), draft_vocabulary=True)
 
     @staticmethod
     def _ring_visibility(cache: DraftCache, query_positions: torch.Tensor) -> torch.Tensor:
