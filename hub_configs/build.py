@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -187,11 +188,12 @@ def render_card(base_model: str, config: LongSpecDraftConfig) -> str:
         "\nThis folder is the configuration template for this target; the weights are trained with `longspec train` "
         "or converted from a published LongSpec checkpoint with `longspec convert`.\n"
     )
-    vocabulary = "" if config.draft_vocab_size is None else (
-        f" The draft scores only {config.draft_vocab_size} of the target's {config.target_vocab_size}\n"
-        "tokens (`draft_vocab_ids`, the most frequent ones in text like the draft's training text), so a tree\n"
-        "level reads only their rows of the LM head; outputs do not change. `draft.set_draft_vocabulary(None)`\n"
-        "drafts over the whole vocabulary."
+    vocabulary = "" if config.draft_vocab_size is None else "\n" + textwrap.fill(
+        f"The draft scores only {config.draft_vocab_size} of the target's {config.target_vocab_size} tokens "
+        "(`draft_vocab_ids`, the most frequent ones in text like the draft's training text), so a tree level "
+        "reads only their rows of the LM head; outputs do not change. `draft.set_draft_vocabulary(None)` "
+        "drafts over the whole vocabulary.",
+        width=104,
     )
     return CARD.format(
         vocabulary=vocabulary,
