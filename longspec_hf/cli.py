@@ -358,6 +358,43 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----- draft-vocab ------------------------------------------------------------------------------------------
+def _add_draft_vocab_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("draft", help="folder of the draft; rewritten in place unless --output")
+    parser.add_argument("--size", type=int, required=True, help="how many tokens the draft scores")
+    parser.add_argument("--data", nargs="+", required=True,
+                        help="text/jsonl files, directories or dataset names: text like the one the draft will see")
+    parser.add_argument("--tokenizer", required=True, help="the target's tokenizer: folder or Hub id")
+    parser.add_argument("--gguf-file", default=None, help="read the tokenizer from this GGUF file inside --tokenizer")
+    parser.add_argument("--extensions", nargs="*", default=None, help="file endings read from directories")
+    parser.add_argument("--text-field", default="text", help="field of jsonl records holding the text")
+    parser.add_argument("--max-chars", type=int, default=50_000_000, help="stop counting after this much text")
+    parser.add_argument("--output", default=None, help="folder to write the draft to (default: the draft's own)")
+
+
+def _run_draft_vocab(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .modeling import LongSpecDraftModel
+    from .training.data import DEFAULT_EXTENSIONS, hf_tokenize_function, iter_texts, ranked_by_count, token_counts
+
+    draft = LongSpecDraftModel.from_pretrained(args.draft)
+    vocab_size = draft.config.target_vocab_size
+    if not 1 <= args.size <= vocab_size:
+        raise SystemExit(f"--size must be between 1 and the target's vocabulary size {vocab_size}, got {args.size}")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, **({"gguf_file": args.gguf_file} if args.gguf_file else {}))
+    texts = iter_texts(args.data, args.extensions or DEFAULT_EXTENSIONS, args.text_field)
+    counts = token_counts(texts, hf_tokenize_function(tokenizer), vocab_size, args.max_chars)
+    if int(counts.sum()) == 0:
+        raise SystemExit(f"no tokens were read from {' '.join(args.data)}")
+    draft.set_draft_vocabulary(ranked_by_count(counts, args.size))
+    output = args.output or args.draft
+    draft.save_pretrained(output)
+    covered = float(counts[draft.draft_vocab_ids].sum()) / float(counts.sum())
+    print(f"Wrote {output}: the draft scores {args.size} of {vocab_size} tokens, {covered:.2%} of the {int(counts.sum())} tokens read.")
+    return 0
+
+
 # ----- train (delegates to longspec_hf.training.cli, imported only when used) ------------------------------
 def _training_cli():
     try:
@@ -384,6 +421,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "bench": Subcommand("benchmark transformers and LongSpec decoding on held-out long prompts", _add_bench_arguments, _run_bench),
     "convert": Subcommand("convert a published LongSpec checkpoint to a LongSpecDraftModel folder", _add_convert_arguments, _run_convert),
     "push": Subcommand("upload a draft and its model card to the Hugging Face Hub", _add_push_arguments, _run_push),
+    "draft-vocab": Subcommand("give a draft a draft vocabulary: the tokens most frequent in given text", _add_draft_vocab_arguments, _run_draft_vocab),
     "train": Subcommand("train a draft for a target model (see `longspec train --help`)", _add_train_arguments, _run_train),
 }
 

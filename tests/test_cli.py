@@ -127,3 +127,24 @@ def test_bench_prompt_files_are_cut_to_each_context(tmp_path):
     assert len(prompts[200]) == 1 and torch.equal(prompts[200][0][0], torch.tensor([ord(c) for c in long.read_text()[:200]]))
     with pytest.raises(SystemExit, match="no prompt file of 400 tokens"):
         cli.file_prompts(tokenizer, [short, long], [400], count=1)
+
+
+def test_draft_vocab_command_keeps_the_most_frequent_tokens(tmp_path, capsys):
+    from .test_training import _char_tokenizer
+
+    target = make_target("llama")
+    make_draft(target).save_pretrained(tmp_path / "draft")
+    tokenizer = _char_tokenizer(target.config.vocab_size)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("abracadabra " * 30)
+    (tmp_path / "text" / "b.md").write_text("zzz")
+    common = ["--data", str(tmp_path / "text"), "--tokenizer", str(tmp_path / "tokenizer")]
+    cli.main(["draft-vocab", str(tmp_path / "draft"), "--size", "4", "--output", str(tmp_path / "out"), *common])
+    # a (150), b and r (60 each), then the first by id of c, d and " " (30 each): " ".
+    expected = sorted(tokenizer.convert_tokens_to_ids(list("abr ")))
+    assert LongSpecDraftModel.from_pretrained(tmp_path / "out").draft_vocab_ids.tolist() == expected
+    assert "scores 4 of 96 tokens" in capsys.readouterr().out
+    assert LongSpecDraftModel.from_pretrained(tmp_path / "draft").draft_vocab_ids is None  # --output left it alone
+    with pytest.raises(SystemExit, match="--size must be between 1 and"):
+        cli.main(["draft-vocab", str(tmp_path / "draft"), "--size", "97", *common])

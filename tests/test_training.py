@@ -13,7 +13,13 @@ import torch
 
 from longspec_hf import LongSpecDraftModel
 from longspec_hf.training.anchor_offset import anchor_offset_position_ids, sample_cross_lag
-from longspec_hf.training.data import iter_texts, most_frequent_tokens, pack_token_sequences, split_held_out
+from longspec_hf.training.data import (
+    iter_texts,
+    most_frequent_tokens,
+    pack_token_sequences,
+    split_held_out,
+    token_counts,
+)
 from longspec_hf.training.distill import greedy_acceptance, run_target
 from longspec_hf.training.trainer import TrainingConfig, train
 
@@ -115,6 +121,13 @@ def test_most_frequent_tokens_ranks_by_count_then_id():
     sequences = torch.tensor([[5, 3, 5, 9], [3, 5, 1, 9]])
     assert most_frequent_tokens(sequences, 3).tolist() == [5, 3, 9]
     assert most_frequent_tokens(sequences, 12).tolist() == [5, 3, 9, 1, 0, 2, 4, 6, 7, 8, 10, 11]
+
+
+def test_token_counts_stop_after_the_document_that_crosses_max_chars():
+    tokenize = lambda text: [ord(c) - 96 for c in text]  # noqa: E731  ("a" -> 1)
+    counts = token_counts(["ab", "bc", "cd"], tokenize, vocab_size=4, max_chars=3)
+    assert counts.tolist() == [0, 1, 2, 1]  # "cd" unread; "d" (4) would be past the vocabulary anyway
+    assert token_counts(["abcd"], tokenize, vocab_size=4).tolist() == [0, 1, 1, 1]
 
 
 def test_export_with_a_draft_vocabulary_of_the_training_datas_tokens(tmp_path):

@@ -93,9 +93,30 @@ def pack_token_sequences(
 def most_frequent_tokens(sequences: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` token ids that occur most often in `sequences` (any shape), most frequent first;
     ties and tokens that never occur are taken in id order."""
-    frequency = torch.bincount(sequences.flatten().long())
-    frequency = torch.cat([frequency, frequency.new_zeros(max(0, count - len(frequency)))])
-    return torch.sort(frequency, descending=True, stable=True).indices[:count]
+    return ranked_by_count(torch.bincount(sequences.flatten().long()), count)
+
+
+def ranked_by_count(counts: torch.Tensor, count: int) -> torch.Tensor:
+    """The ids of the `count` largest of `counts` `(V,)`, largest first; ties (and ids past `V`, counted
+    as zero) in id order."""
+    counts = torch.cat([counts, counts.new_zeros(max(0, count - len(counts)))])
+    return torch.sort(counts, descending=True, stable=True).indices[:count]
+
+
+def token_counts(
+    documents: Iterable[str], tokenize: Callable[[str], list[int]], vocab_size: int, max_chars: int | None = None
+) -> torch.Tensor:
+    """`(vocab_size,)` how often each token id occurs in `documents`, read in order until `max_chars`
+    characters have been tokenized (the document that crosses the limit is counted whole)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    read = 0
+    for text in documents:
+        ids = torch.tensor(tokenize(text), dtype=torch.long)
+        counts += torch.bincount(ids[ids < vocab_size], minlength=vocab_size)
+        read += len(text)
+        if max_chars is not None and read >= max_chars:
+            break
+    return counts
 
 
 def split_held_out(sequences: torch.Tensor, held_out_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
