@@ -21,7 +21,6 @@ in acceptance. `all` drafts over the whole vocabulary, `saved` (the default) as 
 from __future__ import annotations
 
 import argparse
-import collections
 import itertools
 import json
 import os
@@ -34,7 +33,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from longspec_hf import LongSpecStats
 from longspec_hf.assets import bundled_draft_dir, smollm2_gguf_path
 from longspec_hf.cli import held_out_prompts
-from longspec_hf.training.data import iter_source_files
+from longspec_hf.training import data
 
 DEVICE_GGUF = "/root/smollm2/model.gguf"  # where the GPU machine's copy is joined (GPU.md)
 
@@ -42,21 +41,15 @@ DEVICE_GGUF = "/root/smollm2/model.gguf"  # where the GPU machine's copy is join
 def token_counts(tokenizer, corpus: str, max_chars: int) -> torch.Tensor:
     """How often each token id occurs in Python files under `corpus`: files in a seeded random order until
     `max_chars` characters are read (so that the count spans many packages, not the first few)."""
-    counts: collections.Counter[int] = collections.Counter()
-    read = 0
-    paths = list(iter_source_files(corpus, (".py",)))
+    paths = list(data.iter_source_files(corpus, (".py",)))
     random.Random(0).shuffle(paths)
-    for path in paths:
-        with open(path, encoding="utf-8", errors="ignore") as handle:
-            text = handle.read()
-        counts.update(tokenizer(text, add_special_tokens=False)["input_ids"])
-        read += len(text)
-        if read >= max_chars:
-            break
-    frequency = torch.zeros(len(tokenizer), dtype=torch.long)
-    for token, count in counts.items():
-        frequency[token] = count
-    return frequency
+
+    def texts():
+        for path in paths:
+            with open(path, encoding="utf-8", errors="ignore") as handle:
+                yield handle.read()
+
+    return data.token_counts(texts(), data.hf_tokenize_function(tokenizer), len(tokenizer), max_chars)
 
 
 def main() -> None:
