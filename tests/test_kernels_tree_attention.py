@@ -37,6 +37,11 @@ CPU_CASES = {
     "tree_across_chunks": dict(lengths=[5], capacity=9, kv_heads=1, group=1, queries=40, head_dim=16,
                                num_splits=4, config=dict(BLOCK_M=16, BLOCK_N=16)),
     "tree_of_256": dict(lengths=[70], capacity=80, kv_heads=1, group=1, queries=256, head_dim=16),
+    # Keys that grow along the prefix: later blocks raise a row's maximum by tens (base 2), some
+    # blocks not at all, and the scores (up to ~300 in base 2) overflow fp32 unless every step's
+    # exponentials are taken against the running maximum.
+    "growing_scores": dict(lengths=[150, 61], capacity=160, kv_heads=1, group=2, queries=3, head_dim=16,
+                           num_splits=2, config=dict(BLOCK_M=16, BLOCK_N=16), key_growth=0.6),
 }
 # Cases whose rows all have a prefix, also run through the prefix-only entry point.
 PREFIX_ONLY_CASES = ["default_launch_single_query", "padded_head_dim_many_row_blocks"]
@@ -66,6 +71,9 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: str, seed: int) -> dict
             cache = randn(batch, capacity, kv_heads, head_dim).transpose(1, 2)
         else:
             cache = randn(batch, kv_heads, capacity, head_dim)
+        if shape.get("key_growth"):
+            slots = torch.arange(capacity, dtype=torch.float32)
+            cache = cache * (1 + shape["key_growth"] * slots).to(dtype)[:, None]
         for row in range(batch):  # garbage outside the committed prefix must never reach the result
             cache[row, :, : start[row]] = float("nan")
             cache[row, :, end[row]:] = float("nan")
