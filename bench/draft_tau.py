@@ -8,6 +8,10 @@ shapes: `default` (the draft's generation config) or comma-separated widths. Run
     PYTHONPATH=.:/tmp/site python bench/draft_tau.py --drafts bundled $OUT/stage1 --contexts 1024 4096 7680
     PYTHONPATH=.:/tmp/site python bench/draft_tau.py --modes greedy recursive_rejection@0.7 point_mass@0.7
 
+Every row records the tree's level widths (`tree_widths`, the draft's default resolved), so that other
+benchmarks can look up tau per tree shape: `bench/scale.py --tau-file draft_tau.json` projects tokens/s
+at users' scale from it. `--out DIR` says where the JSON goes (default: `$OUT`, else the current folder).
+
 Acceptance does not depend on the hardware, so tree shapes can be compared on a CPU in fp32 too:
 
     python bench/draft_tau.py --device cpu --dtype float32 --contexts 1024 --trees default 4,16,16,16,16,16,16
@@ -52,6 +56,11 @@ def token_counts(tokenizer, corpus: str, max_chars: int) -> torch.Tensor:
     return data.token_counts(texts(), data.hf_tokenize_function(tokenizer), len(tokenizer), max_chars)
 
 
+def tree_widths_of(tree: str) -> list[int]:
+    """`"4,16,16"` -> `[4, 16, 16]`; `""` or `"none"` -> `[]` (no draft: one token per round)."""
+    return [] if tree in ("", "none") else [int(w) for w in tree.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gguf", default=None,
@@ -68,6 +77,7 @@ def main() -> None:
                         help="N (the N most frequent tokens of --vocab-corpus), all, or saved")
     parser.add_argument("--vocab-corpus", default=os.path.dirname(transformers.__path__[0]))
     parser.add_argument("--vocab-corpus-chars", type=int, default=20_000_000)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for draft_tau.json")
     args = parser.parse_args()
 
     gguf = args.gguf or (DEVICE_GGUF if os.path.exists(DEVICE_GGUF) else str(smollm2_gguf_path()))
@@ -88,7 +98,9 @@ def main() -> None:
         elif draft_vocab != "saved":
             draft.set_draft_vocabulary(frequency[: target.config.vocab_size].topk(int(draft_vocab)).indices)
         for tree, mode in itertools.product(args.trees, args.modes):
-            decoding = {} if tree == "default" else dict(tree_widths=[int(w) for w in tree.split(",")])
+            decoding = {} if tree == "default" else dict(tree_widths=tree_widths_of(tree))
+            widths = tree_widths_of(tree) if tree != "default" else list(
+                getattr(draft.generation_config, "tree_widths", None) or draft.config.tree_widths)
             if mode == "greedy":
                 decoding.update(do_sample=False)
             else:
@@ -103,12 +115,12 @@ def main() -> None:
                                     longspec_stats=stats, **decoding)
                     taus.append(stats.mean_accepted_length)
                     accepted.append(list(stats.accepted_lengths))
-                rows.append({"draft": name, "draft_vocab": draft.config.draft_vocab_size, "tree": tree, "mode": mode,
-                             "context": context, "prompts": len(taus),
+                rows.append({"draft": name, "draft_vocab": draft.config.draft_vocab_size, "tree": tree,
+                             "tree_widths": widths, "mode": mode, "context": context, "prompts": len(taus),
                              "tau": sum(taus) / len(taus), "tau_per_prompt": taus, "accepted_lengths": accepted})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "accepted_lengths"}), flush=True)
-    out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, "draft_tau.json"), "w") as handle:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "draft_tau.json"), "w") as handle:
         json.dump(rows, handle, indent=1)
     print("| draft | draft vocab | tree | mode | context | prompts | tau |\n|---|---|---|---|---|---|---|")
     for row in rows:

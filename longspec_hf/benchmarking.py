@@ -4,6 +4,10 @@ Methods (all greedy, batch 1, the same `max_new_tokens`):
 
 - `hf_autoregressive`: `target.generate()`.
 - `hf_prompt_lookup`: transformers' prompt lookup decoding (`prompt_lookup_num_tokens=10`).
+- `hf_static_compiled`: `target.generate(cache_implementation="static")`, transformers' fastest path: a
+  preallocated cache, and on CUDA the decoding forward compiled automatically (`torch.compile`,
+  CUDA graphs). Each call gets a cache sized for it (not the largest of earlier calls); its compilation,
+  once per cache size, happens in the untimed warm-up call of each prompt.
 - `longspec_no_draft`: LongSpec's loop with an empty tree: its cache and attention, one token per target
   forward. It separates the infrastructure gain from the speculation gain.
 - `longspec_chain`: LongSpec with widths `[1] * 5`.
@@ -26,7 +30,7 @@ what the graphs save. Every LongSpec method but the eager ones uses them on a CU
 `longspec_*_compiled_all` ones the target's verify forward too (`compile_target=True`), the no-draft loop
 included.
 
-For each method: tokens/s, speedups over both transformers baselines and over the no-draft loop that runs
+For each method: tokens/s, speedups over the transformers baselines and over the no-draft loop that runs
 on the same infrastructure (`longspec_tree_compiled_all` against `longspec_no_draft_compiled_all`, an eager
 method against `longspec_no_draft_eager`, the others against `longspec_no_draft`), mean accepted tokens
 per round (tau) with a histogram of accepted lengths, and whether the tokens equal the reference output
@@ -58,6 +62,7 @@ DEEP_TREE = [4, 16, 16, 16, 16, 16, 16]
 
 METHODS = (
     "hf_autoregressive",
+    "hf_static_compiled",
     "hf_prompt_lookup",
     "longspec_no_draft",
     "longspec_chain",
@@ -88,6 +93,8 @@ ALL_METHODS = METHODS + EAGER_METHODS + COMPILED_METHODS + VOCABULARY_METHODS
 
 
 def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
+    if name == "hf_static_compiled":  # compiled by transformers itself, not a LongSpec `_compiled` variant
+        return {"cache_implementation": "static"}
     if name.endswith("_eager"):
         return dict(method_kwargs(name.removesuffix("_eager"), draft), cuda_graphs=False)
     if name.endswith("_compiled_all"):
@@ -125,6 +132,33 @@ def whole_vocabulary_copy(draft: LongSpecDraftModel) -> LongSpecDraftModel:
     whole.load_state_dict({k: v for k, v in draft.state_dict().items() if k != "draft_vocab_ids"})
     whole.generation_config = copy.deepcopy(draft.generation_config)
     return whole.to(draft.device, draft.dtype).eval()
+
+
+def fresh_static_cache(target: PreTrainedModel) -> None:
+    """Forget the static cache of earlier calls, so that the next `cache_implementation="static"` call gets a
+    cache of its own length: transformers keeps the longest length seen (`_previous_max_cache_length`;
+    older versions keep the cache itself as `_cache`), and a short prompt after a long one would then
+    decode over the long cache."""
+    for attribute in ("_cache", "_previous_max_cache_length"):
+        vars(target).pop(attribute, None)
+
+
+def describe_device(device: str | torch.device) -> str:
+    """`NVIDIA H200`-style GPU names; for a CPU its model name and core count (`platform.processor()` is
+    empty on many Linux systems)."""
+    import os
+    import platform
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"CPU: {model}, {os.cpu_count()} cores"
 
 
 @dataclass
@@ -193,6 +227,8 @@ def run_benchmark(
     vocab_size = target.get_output_embeddings().weight.shape[0]
     warm = torch.randint(min(100, vocab_size // 2), min(1000, vocab_size), (1, 64), device=device)
     for name in methods:
+        if name.startswith("hf_static"):
+            fresh_static_cache(target)
         target.generate(warm, max_new_tokens=16, do_sample=False, **method_kwargs(name, draft))
     results = []
     for context, context_prompts in prompts.items():
@@ -204,6 +240,8 @@ def run_benchmark(
                 stats = LongSpecStats() if "assistant_model" in kwargs else None
                 if stats is not None:
                     kwargs["longspec_stats"] = stats
+                if name.startswith("hf_static"):
+                    fresh_static_cache(target)
                 # An untimed short run on the same prompt first: first-use costs of new shapes (kernel
                 # selection, allocator growth, CUDA graph capture) are paid once per prompt length in a
                 # server, not per call. It asks for the same max_new_tokens (the same buffer sizes) and
@@ -257,6 +295,7 @@ def summary_rows(results: list[Measurement]) -> list[dict]:
             return statistics.median(values) if values else None
 
         autoregressive, lookup = median_tps("hf_autoregressive"), median_tps("hf_prompt_lookup")
+        static = median_tps("hf_static_compiled")
         for method in dict.fromkeys(r.method for r in at_context):
             runs = [r for r in at_context if r.method == method]
             tps = median_tps(method)
@@ -268,6 +307,7 @@ def summary_rows(results: list[Measurement]) -> list[dict]:
                     "method": method,
                     "tokens_per_s": tps,
                     "vs_hf_autoregressive": tps / autoregressive if autoregressive else None,
+                    "vs_hf_static_compiled": tps / static if static else None,
                     "vs_hf_prompt_lookup": tps / lookup if lookup else None,
                     "vs_longspec_no_draft": tps / no_draft if no_draft else None,
                     "no_draft_method": no_draft_baseline(method) if no_draft else None,
@@ -287,27 +327,57 @@ def markdown_table(rows: list[dict]) -> str:
 
     reference = rows[0]["reference"] if rows else "hf_autoregressive"
     lines = [
-        f"| context | method | tok/s | vs HF AR | vs HF lookup | vs no-draft loop | tau | equal to {reference} (common prefix) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| context | method | tok/s | vs HF AR | vs HF static+compile | vs HF lookup | vs no-draft loop | tau | "
+        f"equal to {reference} (common prefix) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         tau = f"{row['tau']:.2f}" if row["tau"] is not None else "-"
         prefixes = ",".join(map(str, row["common_prefix"]))
         lines.append(
             f"| {row['context']} | {row['method']} | {row['tokens_per_s']:.1f} | {ratio(row['vs_hf_autoregressive'])} | "
-            f"{ratio(row['vs_hf_prompt_lookup'])} | {ratio(row['vs_longspec_no_draft'])} | {tau} | "
+            f"{ratio(row.get('vs_hf_static_compiled'))} | {ratio(row['vs_hf_prompt_lookup'])} | {ratio(row['vs_longspec_no_draft'])} | {tau} | "
             f"{row['equal']}/{row['runs']} ({prefixes}) |"
         )
     return "\n".join(lines)
 
 
-def write_report(results: list[Measurement], out_dir: str | Path, meta: dict | None = None) -> dict[str, Path]:
-    """`results.json`, `results.md` and, when matplotlib is installed, `speed.png` and `accepted_lengths.png`."""
+def report_meta(results: list[Measurement], meta: dict | None, device: str | torch.device | None = None) -> dict:
+    """`meta` with what the report needs to say where it was measured: a device name (from `device`, or the
+    CPU's description where the name is empty: `platform.processor()` gives "" on many Linux systems) and
+    the new tokens per call (from the results when `meta` lacks them)."""
+    meta = dict(meta or {})
+    if not meta.get("device") and (device is not None or "device" in meta):
+        meta["device"] = describe_device(device if device is not None else "cpu")
+    if meta.get("new_tokens") is None and results:
+        meta["new_tokens"] = max(r.new_tokens for r in results)
+    return meta
+
+
+def plot_caption(meta: dict) -> str:
+    """One line for every plot: device, dtype and new tokens per call (what the numbers depend on)."""
+    parts = [str(meta.get("device") or "unknown device"), str(meta.get("dtype") or "unknown dtype"),
+             f"{meta['new_tokens']} new tokens per prompt" if meta.get("new_tokens") is not None else None,
+             "greedy, batch 1"]
+    if meta.get("target"):
+        parts.append(f"target {meta['target']}")
+    return ", ".join(p for p in parts if p)
+
+
+def write_report(
+    results: list[Measurement], out_dir: str | Path, meta: dict | None = None, device: str | torch.device | None = None
+) -> dict[str, Path]:
+    """`results.json`, `results.md` and, when matplotlib is installed, `speed.png` and `accepted_lengths.png`.
+
+    The plots say the device, dtype and new tokens per prompt (`meta`'s `device`, `dtype`, `new_tokens`);
+    see [`report_meta`] for the values filled in when `meta` lacks them.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    meta = report_meta(results, meta, device)
     rows = summary_rows(results)
     files = {"json": out / "results.json", "markdown": out / "results.md"}
-    payload = {"meta": meta or {}, "summary": rows, "runs": [r.__dict__ for r in results]}
+    payload = {"meta": meta, "summary": rows, "runs": [r.__dict__ for r in results]}
     files["json"].write_text(json.dumps(payload, indent=1))
     files["markdown"].write_text(markdown_table(rows) + "\n")
     try:
@@ -317,6 +387,7 @@ def write_report(results: list[Measurement], out_dir: str | Path, meta: dict | N
         import matplotlib.pyplot as plt
     except ImportError:
         return files
+    caption = plot_caption(meta)
     contexts = sorted({r["context"] for r in rows})
     # Speedups over transformers' generate when it ran, else over the matching no-draft loop.
     baseline, baseline_label = (
@@ -324,7 +395,7 @@ def write_report(results: list[Measurement], out_dir: str | Path, meta: dict | N
         if any(r["vs_hf_autoregressive"] is not None for r in rows)
         else ("vs_longspec_no_draft", "the no-draft loop")
     )
-    figure, (speed, speedup) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (speed, speedup) = plt.subplots(1, 2, figsize=(11, 4.4))
     for method in dict.fromkeys(r["method"] for r in rows):
         points = [(r["context"], r) for r in rows if r["method"] == method]
         speed.plot([c for c, _ in points], [r["tokens_per_s"] for _, r in points], marker="o", label=method)
@@ -333,6 +404,7 @@ def write_report(results: list[Measurement], out_dir: str | Path, meta: dict | N
     speed.set(xlabel="prompt tokens", ylabel="tokens/s", xticks=contexts, title="decoding speed")
     speedup.set(xlabel="prompt tokens", ylabel=f"speedup over {baseline_label}", xticks=contexts, title="speedup")
     speed.legend(fontsize=8)
+    figure.suptitle(caption, fontsize=9)
     figure.tight_layout()
     files["speed_plot"] = out / "speed.png"
     figure.savefig(files["speed_plot"], dpi=120)
@@ -340,10 +412,11 @@ def write_report(results: list[Measurement], out_dir: str | Path, meta: dict | N
     tree_method = next((r.method for r in results if r.method.startswith("longspec_tree")), None)
     counts = Counter(n for r in results if r.method == tree_method for n in r.accepted_lengths)
     if counts:
-        figure, axis = plt.subplots(figsize=(5, 3.5))
+        figure, axis = plt.subplots(figsize=(5.5, 3.9))
         lengths = sorted(counts)
         axis.bar(lengths, [counts[n] for n in lengths])
         axis.set(xlabel="tokens gained per round", ylabel="rounds", title=f"{tree_method}: accepted lengths")
+        figure.suptitle(caption, fontsize=7)
         figure.tight_layout()
         files["histogram"] = out / "accepted_lengths.png"
         figure.savefig(files["histogram"], dpi=120)
