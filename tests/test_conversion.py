@@ -187,7 +187,7 @@ def test_convert_checkpoint_writes_native_folder(tmp_path):
     target = make_target("qwen2")
     src, dst = tmp_path / "old", tmp_path / "new"
     write_old_layout(src, target)
-    convert_checkpoint(src, dst, sliding_window=8)
+    convert_checkpoint(LongSpecDraftModel, src, dst, sliding_window=8)
     config = json.loads((dst / "config.json").read_text())
     assert config["model_type"] == "longspec_draft" and config["sliding_window"] == 8
     assert config["target_model_type"] == "qwen2"
@@ -216,3 +216,22 @@ def test_convert_state_dict_rejects_several_blocks():
     }
     with pytest.raises(ValueError, match="more than one block"):
         convert_state_dict(weights)
+
+
+def test_conversion_never_imports_the_model_module():
+    """modeling_longspec uses conversion (the published layout, the model card); conversion takes the model
+    class as an argument instead of importing it back, so the two modules form no import cycle."""
+    import ast
+    from pathlib import Path
+
+    import longspec_hf.modeling.conversion as conversion
+
+    tree = ast.parse(Path(conversion.__file__).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    assert not [name for name in names if "modeling_longspec" in name or name == "LongSpecDraftModel"]

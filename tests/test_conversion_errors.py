@@ -58,7 +58,7 @@ def test_config_of_another_model_type(native):
     with pytest.raises(ValueError, match="model_type 'gpt2'.*longspec_draft"):
         LongSpecDraftModel.from_pretrained(native)
     with pytest.raises(ValueError, match="gpt2"):
-        convert_checkpoint(native, native.parent / "out")
+        convert_checkpoint(LongSpecDraftModel, native, native.parent / "out")
 
 
 def test_old_layout_missing_weights(tmp_path):
@@ -79,7 +79,7 @@ def test_old_layout_wrong_shape(tmp_path):
     write_old_layout(tmp_path / "old", make_target("llama"))
     rewrite(tmp_path / "old", lambda w: w.__setitem__("model.layers.0.self_attn.o_proj.weight", torch.zeros(32, 16)))
     with pytest.raises(ValueError, match="wrong shape.*self_attn.o_proj.weight"):
-        convert_checkpoint(tmp_path / "old", tmp_path / "new")
+        convert_checkpoint(LongSpecDraftModel, tmp_path / "old", tmp_path / "new")
 
 
 def test_old_layout_config_for_other_target(tmp_path):

@@ -128,12 +128,37 @@ def test_push_to_hub_uploads_folder(monkeypatch):
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
     target = make_target("llama")
     draft = make_draft(target)
-    assert draft.push_to_hub("org/tiny-draft", metrics={"mean_accepted_length": 2.5}, private=True) == "commit-info"
+    assert draft.push_to_hub(
+        "org/tiny-draft", metrics={"mean_accepted_length": 2.5}, private=True, base_model="org/tiny-target"
+    ) == "commit-info"
     assert calls["create_repo"][0] == "org/tiny-draft" and calls["create_repo"][1]["private"] is True
     repo_id, files, readme, _ = calls["upload"]
     assert repo_id == "org/tiny-draft"
     assert files == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
     assert "| mean_accepted_length | 2.5 |" in readme and "library_name: longspec-hf" in readme
+
+
+def test_push_to_hub_refuses_a_local_base_model_before_creating_the_repo(tmp_path, monkeypatch):
+    monkeypatch.setattr(HfApi, "create_repo", lambda *a, **k: pytest.fail("the repository was created"))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda *a, **k: pytest.fail("files were uploaded"))
+    target = make_target("llama")
+    draft = make_draft(target)
+    draft.config.target_name_or_path = str(tmp_path)  # trained from a local folder
+    with pytest.raises(ValueError, match="local path.*base_model='org/name'"):
+        draft.push_to_hub("org/tiny-draft")
+    draft.config.target_name_or_path = "../models/x.gguf"  # no Hub id at all
+    with pytest.raises(ValueError, match="local path"):
+        draft.push_to_hub("org/tiny-draft")
+
+
+def test_find_card_template_reads_the_installed_hub_configs():
+    from longspec_hf.assets import hub_configs_dir
+    from longspec_hf.modeling.conversion import GENERIC_CARD_TEMPLATE, find_card_template
+
+    bundled = (hub_configs_dir() / "longspec-smollm2-135m-instruct" / "README.md").read_text()
+    assert find_card_template("me/longspec-smollm2-135m-instruct") == bundled
+    assert find_card_template("me/other", base_model="HuggingFaceTB/SmolLM2-135M-Instruct") == bundled
+    assert find_card_template("me/other", base_model="org/unknown") == GENERIC_CARD_TEMPLATE
 
 
 # ----- offline loading from a local Hugging Face cache -----------------------------------------------------

@@ -8,6 +8,9 @@ such a folder into a [`LongSpecDraftModel`] folder; `LongSpecDraftModel.from_pre
 [`load_old_layout`] when it meets one.
 
 The model-card helpers render `hub_configs/<name>/README.md` templates with measured numbers filled in.
+
+This module never imports `modeling_longspec` (which imports it): functions that build a model take the
+model class as an argument.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, GenerationConfig
+from transformers import AutoConfig
 from transformers.utils import logging
 
+from ..assets import hub_configs_dir, readable_by_all
 from .configuration_longspec import SUPPORTED_TARGET_TYPES, LongSpecDraftConfig
 
 logger = logging.get_logger(__name__)
@@ -209,15 +214,12 @@ def _resolve_dtype(dtype: Any) -> torch.dtype | None:
 
 def load_old_layout(
     pretrained_model_name_or_path: str | os.PathLike,
-    model_class: type | None = None,
+    model_class: type,
     sliding_window: int | None = None,
     dtype: Any = None,
     **hub_kwargs: Any,
 ):
-    """Load a draft saved in the published LongSpec layout as a `LongSpecDraftModel`."""
-    from .modeling_longspec import LongSpecDraftModel
-
-    model_class = model_class or LongSpecDraftModel
+    """Load a draft saved in the published LongSpec layout as a `model_class` (a `LongSpecDraftModel`)."""
     folder = resolve_checkpoint_dir(pretrained_model_name_or_path, **hub_kwargs)
     config_dict = read_config_dict(folder)
     if not is_old_layout(config_dict):
@@ -254,31 +256,32 @@ def load_old_layout(
 
 
 def convert_checkpoint(
+    model_class: type,
     src: str | os.PathLike,
     dst: str | os.PathLike,
     sliding_window: int | None = None,
     dtype: Any = None,
-    safe_serialization: bool = True,
     **hub_kwargs: Any,
 ):
-    """Read an old-layout checkpoint (a folder or a Hub repo) and save it as a LongSpecDraftModel folder.
-
-    A folder already in the native layout is loaded and saved again (a copy). Returns the model.
-    """
-    from .modeling_longspec import LongSpecDraftModel
-
-    folder = resolve_checkpoint_dir(src, **hub_kwargs)
-    config_dict = read_config_dict(folder)
-    if config_dict.get("model_type") == LongSpecDraftConfig.model_type:
-        model = LongSpecDraftModel.from_pretrained(folder, **({"dtype": dtype} if dtype is not None else {}))
-    else:
-        model = load_old_layout(folder, sliding_window=sliding_window, dtype=dtype)
-    model.save_pretrained(dst, safe_serialization=safe_serialization)
+    """Read a draft checkpoint (a folder or a Hub repo; the published layout is converted) as a `model_class`
+    (a `LongSpecDraftModel`) and save it to `dst` in the native layout. Returns the model."""
+    kwargs = {"sliding_window": sliding_window, **hub_kwargs}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = model_class.from_pretrained(src, **kwargs)
+    save_draft(model, dst)
     return model
 
 
+def save_draft(model, folder: str | os.PathLike, **save_kwargs: Any) -> Path:
+    """`model.save_pretrained(folder, **save_kwargs)` with the weights files readable by all (see
+    [`assets.readable_by_all`]), as every file this package writes for a draft."""
+    model.save_pretrained(folder, **save_kwargs)
+    readable_by_all(folder)
+    return Path(folder)
+
+
 # ----- model cards ----------------------------------------------------------------------------------------
-HUB_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "hub_configs"
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 GENERIC_CARD_TEMPLATE = """---
@@ -319,9 +322,9 @@ def find_card_template(repo_id: str | None = None, base_model: str | None = None
     """The model-card template for a draft: `hub_configs/<repo name>/README.md` when there is one."""
     candidates = []
     if repo_id:
-        candidates.append(HUB_CONFIGS_DIR / repo_id.split("/")[-1] / "README.md")
+        candidates.append(hub_configs_dir() / repo_id.split("/")[-1] / "README.md")
     if base_model:
-        candidates.append(HUB_CONFIGS_DIR / ("longspec-" + base_model.split("/")[-1].lower()) / "README.md")
+        candidates.append(hub_configs_dir() / ("longspec-" + base_model.split("/")[-1].lower()) / "README.md")
     for candidate in candidates:
         if candidate.is_file():
             return candidate.read_text()
@@ -378,6 +381,34 @@ def render_model_card(
     return card
 
 
+# Files beside a draft's weights that are published with it when they are there: the bundled card of a
+# trained draft points to its training log.
+PUBLISHED_EXTRA_FILES = ("train_log.jsonl",)
+
+
+def card_base_model(model, base_model: str | None = None) -> str:
+    """The target's Hub id for the card's `base_model`: `base_model`, else the target the draft's config
+    names. Raises a ValueError when that is missing or a local path (a draft trained from a local or GGUF
+    target), which would put a broken link on the Hub."""
+    how_to = "Pass the target's Hub model id: base_model='org/name' (`longspec push --base-model org/name`)."
+    named = base_model or model.config.target_name_or_path
+    if not named:
+        raise ValueError(f"The draft's config names no target model (target_name_or_path), so its card would have no base_model. {how_to}")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(named)
+        local = base_model is None and os.path.exists(os.path.expanduser(named))
+    except HFValidationError:
+        local = True
+    if local:
+        raise ValueError(
+            f"The card's base_model would be {named!r}, a local path (a draft records the target it was trained or "
+            f"converted from) and no Hub model id: its link on the Hub would be broken. {how_to}"
+        )
+    return named
+
+
 def write_hub_folder(
     model,
     folder: str | os.PathLike,
@@ -387,17 +418,29 @@ def write_hub_folder(
     base_model: str | None = None,
     license: str | None = None,
 ) -> Path:
-    """Write everything `push_to_hub` uploads (weights, config, generation config, README.md) into `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    base_model = base_model or model.config.target_name_or_path
+    """Write everything `push_to_hub` uploads into `folder`: weights, config, generation config, README.md
+    (the model card, see [`card_base_model`]) and the [`PUBLISHED_EXTRA_FILES`] found beside the weights the
+    model was loaded from."""
+    base_model = card_base_model(model, base_model)
     if card_template is not None:
         template = Path(card_template).read_text()
     else:
         template = find_card_template(repo_id, base_model)
     card = render_model_card(template, repo_id, base_model=base_model, metrics=metrics, license=license)
+    if not card.data.license:
+        logger.warning(
+            f"The model card of {repo_id} has no license: pass license= (`longspec push --license`), e.g. the license "
+            f"of {base_model}."
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_draft(model, folder)
     card.save(folder / "README.md")
+    source = Path(model.name_or_path) if model.name_or_path else None
+    if source is not None and source.is_dir() and source.resolve() != folder.resolve():
+        for name in PUBLISHED_EXTRA_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, folder / name)
     return folder
 
 
@@ -414,6 +457,3 @@ def load_metrics(spec: str | None) -> dict[str, Any]:
         raise ValueError(f"--metrics must describe a JSON object (name -> value), got {type(metrics).__name__}")
     return metrics
 
-
-def save_generation_config(tree_widths: list[int], folder: str | os.PathLike) -> None:
-    GenerationConfig(tree_widths=list(tree_widths)).save_pretrained(folder)

@@ -352,12 +352,15 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         save_to: str | None = None,
         **_unused,
     ):
-        """Upload the draft (weights, config, generation config) and its model card to the Hub.
+        """Upload the draft (weights, config, generation config, the training log beside the weights it was
+        loaded from) and its model card to the Hub.
 
-        The card comes from `card_template`, else `hub_configs/<repo name>/README.md`, else a generic one,
-        with `{{ name }}` placeholders filled from `metrics` (e.g. `mean_accepted_length`, `speedup`).
-        With `save_to` the files are written to that folder and nothing is uploaded (a dry run); the
-        folder path is returned. Otherwise returns the commit info of the upload.
+        The card comes from `card_template`, else `hub_configs/<repo name>/README.md` of the installed
+        package, else a generic one, with `{{ name }}` placeholders filled from `metrics` (e.g.
+        `mean_accepted_length`, `speedup`). Its `base_model` is `base_model`, else the target named in the
+        draft's config; a ValueError asks for a Hub id when that is a local path. With `save_to` the files
+        are written to that folder and nothing is uploaded (a dry run); the folder path is returned.
+        Otherwise returns the commit info of the upload.
         """
         import tempfile
 
@@ -372,10 +375,10 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
 
         if save_to is not None:
             return write(save_to)
-        api = HfApi(token=token if isinstance(token, str) else None)
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory() as folder:
-            write(folder)
+            write(folder)  # a card that cannot be written is refused before the repository is created
+            api = HfApi(token=token if isinstance(token, str) else None)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,

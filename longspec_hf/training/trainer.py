@@ -13,6 +13,7 @@ the uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from ..modeling import LongSpecDraftConfig, LongSpecDraftModel
+from ..modeling.conversion import save_draft
 from .anchor_offset import MAX_CROSS_LAG, anchor_offset_position_ids, sample_cross_lag
 from .data import (
     DEFAULT_EXTENSIONS,
@@ -49,6 +51,9 @@ class TrainingConfig:
     """Everything a training run needs; the `longspec train` flags map one to one onto these fields."""
 
     target: str | None = None  # path or Hub id of the target model
+    # The target's Hub id, recorded in the draft's config (`target_name_or_path`, the `base_model` of its model
+    # card); default: `target`. Give it when `target` is a local folder or GGUF file.
+    base_model: str | None = None
     output_dir: str = "longspec-draft"
     gguf_file: str | None = None  # load the target from this GGUF file inside `target`
     tokenizer: str | None = None  # defaults to `target`
@@ -246,6 +251,8 @@ class DraftTrainer:
         self.eval_sequences = eval_sequences
 
         unwrapped = draft if draft is not None else self._new_draft()
+        if config.base_model:
+            unwrapped.config.target_name_or_path = config.base_model
         unwrapped.attach_target(self.target)
         unwrapped.to(self.device).train()
         if config.lora:
@@ -412,7 +419,7 @@ class DraftTrainer:
         state_dict = accelerator.get_state_dict(self.model)
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(self.model)
-            unwrapped.save_pretrained(os.path.join(directory, "draft"), state_dict=state_dict)
+            save_draft(unwrapped, os.path.join(directory, "draft"), state_dict=state_dict)
             torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
             torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
             with open(os.path.join(directory, "trainer_state.json"), "w") as handle:
@@ -447,12 +454,15 @@ class DraftTrainer:
             state_dict = {**state_dict, "draft_vocab_ids": draft.draft_vocab_ids}
         if accelerator.is_main_process:
             dtype = getattr(torch, self.config.save_dtype)
-            trained_dtype = draft.config.dtype
-            draft.config.dtype = dtype  # config.json records the dtype of the saved weights
             # Weights in the save dtype; integer buffers (the draft vocabulary's token ids) as they are.
             state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-            draft.save_pretrained(self.config.output_dir, state_dict=state_dict)
-            draft.config.dtype = trained_dtype
+            # save_pretrained writes the dtype of the model's own parameters into config.json, so the file is
+            # written from a copy that holds the exported tensors (built on the meta device, then given them).
+            with torch.device("meta"):
+                exported = type(draft)(copy.deepcopy(draft.config))
+            exported.load_state_dict(state_dict, assign=True)
+            exported.generation_config = draft.generation_config
+            save_draft(exported, self.config.output_dir)
         accelerator.wait_for_everyone()
         return draft
 
