@@ -24,6 +24,7 @@ from graph_nodes import KeptGraphs, describe
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import longspec_hf  # noqa: F401  (registers the draft with AutoModel)
+from longspec_hf import LongSpecStats
 from longspec_hf.assets import bundled_draft_dir
 from longspec_hf.generation import cuda_graphs
 from longspec_hf.modeling import LongSpecDraftModel
@@ -131,10 +132,10 @@ def profile_round(target, prompt, kwargs, out: str, method: str) -> None:
     """torch.profiler over 32 eager tokens: GPU time and launches per op, so the ops inside graphs show."""
     from torch.profiler import ProfilerActivity, profile
 
-    draft = kwargs["assistant_model"]
+    stats = LongSpecStats()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        target.generate(prompt, max_new_tokens=32, cuda_graphs=False, **kwargs)
-    rounds = draft.last_stats.rounds
+        target.generate(prompt, max_new_tokens=32, cuda_graphs=False, longspec_stats=stats, **kwargs)
+    rounds = stats.rounds
     events = prof.key_averages()
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"))
     gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
@@ -170,9 +171,10 @@ def profile_host(target, prompt, kwargs, method: str, new_tokens: int, trace_dir
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trace_dir else [])
+    stats = LongSpecStats()
     with profile(activities=activities, with_stack=False) as prof:
-        target.generate(prompt, max_new_tokens=new_tokens, **kwargs)
-    rounds = kwargs["assistant_model"].last_stats.rounds
+        target.generate(prompt, max_new_tokens=new_tokens, longspec_stats=stats, **kwargs)
+    rounds = stats.rounds
     print(f"--- {method}, graphs: host time per op over {rounds} rounds")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=50))
     if trace_dir:
@@ -207,13 +209,13 @@ def main() -> None:
         # Warm-up of the same shape: Triton compilation, cuBLAS, and the graphs, kept for the timed call.
         with KeptGraphs() if args.graph_nodes else contextlib.nullcontext():
             target.generate(prompt, max_new_tokens=args.new_tokens, **kwargs)
+        stats = LongSpecStats()
         with GraphTimer() as timer:
             torch.cuda.synchronize()
             start = time.perf_counter()
-            target.generate(prompt, max_new_tokens=args.new_tokens, **kwargs)
+            target.generate(prompt, max_new_tokens=args.new_tokens, longspec_stats=stats, **kwargs)
             torch.cuda.synchronize()
             wall = time.perf_counter() - start
-        stats = draft.last_stats
         graphs = timer.median_ms()
         launch = {name: launch_cost(call) for name, call in timer.calls.items()}
         row = dict(

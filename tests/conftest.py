@@ -15,7 +15,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-import longspec_hf  # noqa: F401  (registers the generate hook)
+import longspec_hf  # noqa: F401  (routes generate() with a LongSpec draft)
 from longspec_hf import LongSpecDraftConfig, LongSpecDraftModel
 
 ARCHITECTURES = {

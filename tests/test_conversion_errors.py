@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
-from longspec_hf import LongSpecDraftModel
+from longspec_hf import LongSpecDraftConfig, LongSpecDraftModel
 from longspec_hf.modeling.conversion import convert_checkpoint
 
 from .conftest import make_draft, make_target
@@ -121,3 +121,14 @@ def test_sharded_index_with_missing_shard(tmp_path):
     (tmp_path / "old" / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(OSError, match="missing"):
         LongSpecDraftModel.from_pretrained(tmp_path / "old")
+
+
+def test_truncated_weights_of_a_saved_draft_name_the_folder(tmp_path):
+    target = make_target("llama")
+    LongSpecDraftModel(LongSpecDraftConfig.from_target_config(target.config)).save_pretrained(tmp_path / "draft")
+    weights = tmp_path / "draft" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match="corrupt or incomplete") as error:
+        LongSpecDraftModel.from_pretrained(tmp_path / "draft")
+    assert str(tmp_path / "draft") in str(error.value)

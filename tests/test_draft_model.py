@@ -52,8 +52,9 @@ def test_draft_cache_size_does_not_grow_with_the_context():
     sizes = []
     for prompt_len in (100, 4000):
         ids = torch.randint(3, 64, (1, prompt_len))
-        target.generate(ids, assistant_model=draft, max_new_tokens=8, do_sample=False, longspec_stats=LongSpecStats())
-        sizes.append(draft.last_draft_cache_nbytes)
+        stats = LongSpecStats()
+        target.generate(ids, assistant_model=draft, max_new_tokens=8, do_sample=False, longspec_stats=stats)
+        sizes.append(stats.draft_cache_nbytes)
     assert sizes[0] == sizes[1] > 0
 
 

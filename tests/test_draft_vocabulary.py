@@ -190,12 +190,12 @@ def test_the_draft_heads_rows_follow_in_place_updates_of_the_target_head():
     draft = make_draft(target, seed=22)
     draft.set_draft_vocabulary([2, 9, 30])
     draft.attach_target(target)
-    rows = draft._draft_head[0]
+    rows = draft._target.draft_head[0]
     head = target.get_output_embeddings().weight
     with torch.no_grad():
         head.mul_(0.5)
     draft.attach_target(target)
-    assert draft._draft_head[0] is rows
+    assert draft._target.draft_head[0] is rows
     assert torch.equal(rows, head[[2, 9, 30]])
     # A new vocabulary set while the target stays attached is used from the next drafting step on.
     draft.set_draft_vocabulary([1, 5])

@@ -112,7 +112,82 @@ def test_right_padding_is_refused(counted):
     assert not calls
 
 
-def test_longspec_keywords_without_a_longspec_draft():
+def test_longspec_keywords_without_a_longspec_draft_get_transformers_own_error():
+    """Calls without a LongSpec draft are transformers' alone: its own check of unused keywords answers."""
     target = make_target()
-    with pytest.raises(ValueError, match="tree_widths"):
+    with pytest.raises(ValueError, match="model_kwargs.*not used.*tree_widths"):
         target.generate(ids(), max_new_tokens=4, tree_widths=[2])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt_lookup_branches=10**6), "1024"),
+        (dict(tree_widths=[64] * 20), "tree nodes"),
+        (dict(tree_widths=[2, None]), "None is not a positive integer"),
+        (dict(tree_widths=[2, 2.5]), "2.5 is not a positive integer"),
+        (dict(tree_widths="4,16"), "tree_widths must be a list"),
+        (dict(prompt_lookup_branches=None), "prompt_lookup_branches"),
+        (dict(longspec_stats={}), "LongSpecStats"),
+        (dict(sampling_rule="greedy"), "sampling_rule"),
+    ],
+)
+def test_sizes_and_types_of_the_longspec_keywords(counted, kwargs, message):
+    target, draft, calls = counted
+    with pytest.raises(ValueError, match=message):
+        target.generate(ids(), assistant_model=draft, max_new_tokens=40, **kwargs)
+    assert not calls
+
+
+def test_a_chain_longer_than_the_output_is_cut_to_it():
+    """prompt_lookup_length past max_new_tokens cannot gain more than the call generates: it is cut, and
+    the call allocates for and returns what plain generate returns."""
+    target = make_target(seed=5)
+    draft = make_draft(target, seed=6)
+    prompt = torch.randint(3, 96, (1, 10)).repeat(1, 3)
+    reference = target.generate(prompt, max_new_tokens=6, do_sample=False)
+    output = target.generate(
+        prompt, assistant_model=draft, max_new_tokens=6, do_sample=False, prompt_lookup_branches=2, prompt_lookup_length=10**6
+    )
+    assert torch.equal(output, reference)
+
+
+@pytest.mark.parametrize(
+    "make_inputs, message",
+    [
+        (lambda: dict(input_ids=ids(), attention_mask=torch.ones(2, 8, dtype=torch.long)), "attention_mask has shape"),
+        (lambda: dict(input_ids=ids(), attention_mask=torch.ones(1, 7, dtype=torch.long)), "attention_mask has shape"),
+        (lambda: dict(input_ids=torch.tensor([[5, 96, 7]])), "token id 96, outside"),
+        (lambda: dict(input_ids=torch.tensor([[5, -1, 7]])), "token id -1, outside"),
+        (lambda: dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "at least one prompt token"),
+        (lambda: dict(inputs_embeds=torch.randn(1, 8, 32)), "needs input_ids"),
+        (lambda: dict(input_ids=ids(), past_key_values=__import__("transformers").DynamicCache()), "past_key_values"),
+    ],
+)
+def test_bad_prompts_are_named(counted, make_inputs, message):
+    target, draft, calls = counted
+    with pytest.raises(ValueError, match=message):
+        target.generate(**make_inputs(), assistant_model=draft, max_new_tokens=4)
+    assert not calls
+
+
+def test_use_cache_false_is_said_to_have_no_effect(counted, monkeypatch):
+    from longspec_hf.generation import entry
+
+    target, draft, _ = counted
+    prompt = ids()
+    reference = target.generate(prompt, max_new_tokens=5, do_sample=False)
+    said = []
+    monkeypatch.setattr(entry.logger, "warning_once", said.append)
+    output = target.generate(prompt, assistant_model=draft, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(output, reference)
+    assert any("use_cache=False has no effect" in message for message in said)
+
+
+def test_mismatch_message_without_a_recorded_target():
+    target = make_target()
+    draft = draft_for(vocab_size=128)
+    draft.config.target_name_or_path = None
+    with pytest.raises(ValueError) as error:
+        target.generate(ids(), assistant_model=draft, max_new_tokens=4)
+    assert "None" not in str(error.value) and "vocab size 128" in str(error.value)

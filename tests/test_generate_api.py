@@ -143,7 +143,8 @@ def test_stats_report_rounds_and_accepted_lengths(pair):
     # The prefill gives the first token; every round gives its accepted length (the last round may be cut).
     assert 1 + sum(stats.accepted_lengths) >= output.shape[1] - prompt().shape[1]
     assert stats.mean_accepted_length >= 1.0
-    assert draft.last_stats is stats
+    # The draft keeps nothing of the call: the statistics live in the object the caller passed.
+    assert not any("stats" in name for name in vars(draft))
 
 
 def test_attention_implementation_restored_after_an_exception(pair):
@@ -185,3 +186,36 @@ def test_tree_widths_from_generation_config(pair):
     assert max(stats_chain.accepted_lengths) <= 3
     target.generate(ids, assistant_model=draft, max_new_tokens=20, do_sample=False, longspec_stats=stats_tree, tree_widths=[2])
     assert max(stats_tree.accepted_lengths) <= 2
+
+
+def test_longspec_generate_is_a_custom_generate_method(pair):
+    """`longspec_hf.generate` in transformers' public `custom_generate=` form: through the routed
+    `generate`, and through transformers' own `generate` alone (the draft bound to the callable, since
+    transformers hands a callable only the keywords of its own signature), LongSpec keywords included."""
+    import functools
+
+    import longspec_hf
+    from longspec_hf.generation import _compat
+
+    target, draft = pair
+    ids = prompt(length=15, seed=7)
+    reference = target.generate(ids, max_new_tokens=24, do_sample=False)
+    stats = LongSpecStats()
+    routed = target.generate(
+        ids, custom_generate=longspec_hf.generate, assistant_model=draft, max_new_tokens=24, do_sample=False,
+        tree_widths=[2, 2], longspec_stats=stats,
+    )
+    assert torch.equal(routed, reference) and stats.rounds > 0
+    stats = LongSpecStats()
+    direct = _compat.ORIGINAL_GENERATE(
+        target, ids, custom_generate=functools.partial(longspec_hf.generate, assistant_model=draft),
+        max_new_tokens=24, do_sample=False, tree_widths=[3], longspec_stats=stats,
+    )
+    assert torch.equal(direct, reference) and stats.rounds > 0
+    assert max(stats.accepted_lengths) <= 2  # one level of three nodes: at most one drafted token a round
+
+
+def test_another_custom_generate_with_a_longspec_draft_is_refused(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match="custom_generate cannot be combined"):
+        target.generate(prompt(), custom_generate=lambda *a, **k: None, assistant_model=draft, max_new_tokens=4)

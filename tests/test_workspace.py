@@ -143,11 +143,11 @@ def test_a_workspace_in_use_is_neither_shared_nor_replaced():
     reference = target.generate(ids, max_new_tokens=12, do_sample=False)
     target.generate(ids, assistant_model=draft, max_new_tokens=12, do_sample=False)
     workspace = kept(draft)
-    with workspace.claim():
-        output = target.generate(ids, assistant_model=draft, max_new_tokens=12, do_sample=False)
-        assert kept(draft) is workspace and workspace.in_use
+    workspace.in_use = True  # as while a call on another thread decodes with it
+    output = target.generate(ids, assistant_model=draft, max_new_tokens=12, do_sample=False)
+    assert kept(draft) is workspace and workspace.in_use
+    workspace.in_use = False
     assert torch.equal(output, reference)
-    assert not workspace.in_use
     # Released when an error escapes the decoding loop too.
     from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
@@ -242,7 +242,7 @@ def test_compiled_target_verifies_like_the_eager_one():
     # The prefill goes through the compiled forward too (the verify graphs hold it already).
     verify, prefill_lengths = kept(draft).verify, []
     compiled_forward = verify.forward
-    verify.forward = lambda **inputs: prefill_lengths.append(inputs["input_ids"].shape[1]) or compiled_forward(**inputs)
+    verify.forward = lambda model, **inputs: prefill_lengths.append(inputs["input_ids"].shape[1]) or compiled_forward(model, **inputs)
     assert torch.equal(run(compile_target=True)[0], reference)
     verify.forward = compiled_forward
     assert prefill_lengths == [ids.shape[1]]
@@ -313,7 +313,8 @@ def test_graphed_steps_read_nothing_on_the_host(arch, monkeypatch):
     the mode used here."""
     from longspec_hf.generation.attention import longspec_attention
     from longspec_hf.generation.tree import ChainLayout
-    from longspec_hf.generation.workspace import acquire_workspace
+    from longspec_hf.generation.options import LongSpecOptions
+    from longspec_hf.generation.workspace import claim_workspace
 
     target = make_target(arch, seed=41)
     draft = make_draft(target, seed=42)
@@ -324,10 +325,13 @@ def test_graphed_steps_read_nothing_on_the_host(arch, monkeypatch):
     meta = torch.device("meta")
     widths, chains, length = [4, 16, 16], 2, 6
     ids = torch.empty(2, 30, dtype=torch.long, device=meta)
-    workspace = acquire_workspace(
-        target, draft, ids, tree_widths=widths, max_tree_nodes=1 + sum(widths) + (chains + 1) * length,
-        capacity=80, accept_in_graph=True, capture=False, keep=False,
+    options = LongSpecOptions(
+        tree_widths=tuple(widths), prompt_lookup_branches=chains, prompt_lookup_length=length,
+        prompt_lookup_under_draft=True, cuda_graphs=False,
     )
+    assert options.max_tree_nodes == 1 + sum(widths) + (chains + 1) * length
+    with claim_workspace(target, draft, ids, options, 20, accept_in_graph=True, do_sample=False) as workspace:
+        pass
     workspace.start(ids, torch.empty(2, dtype=torch.long, device=meta), pad_token_id=0)
     tree = workspace.drafter.propose_tree(workspace.tokens, workspace.seq_len, workspace.pad_start, new_tokens_bound=4)
     assert tree.level_sizes == widths
@@ -361,3 +365,47 @@ def test_drafting_the_next_tree_before_the_host_reads_the_round_changes_no_propo
             assert torch.equal(out, reference)
             accepted.append(stats.accepted_lengths)
         assert accepted[0] == accepted[1] and max(accepted[0]) > 1, widths
+
+
+def test_a_replaced_or_released_workspace_is_freed_without_the_garbage_collector():
+    """No reference cycle holds a workspace: with the collector off, the cache of a workspace that a call
+    of another shape replaced (or that release_workspace dropped) is gone at once."""
+    import gc
+    import weakref
+
+    from longspec_hf import release_workspace
+
+    target = make_target("llama", seed=25)
+    draft = make_draft(target, seed=26)
+    ids = torch.randint(3, target.config.vocab_size, (1, 20))
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        target.generate(ids, assistant_model=draft, max_new_tokens=8, do_sample=False, tree_widths=[2, 2])
+        first = weakref.ref(kept(draft).cache.kv)
+        target.generate(ids, assistant_model=draft, max_new_tokens=8, do_sample=False, tree_widths=[3])
+        assert first() is None, "the replaced workspace's K/V is still alive"
+        second = weakref.ref(kept(draft).cache.kv)
+        release_workspace(draft)
+        assert second() is None, "the released workspace's K/V is still alive"
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def test_the_kept_workspace_does_not_keep_its_target_alive():
+    """The draft keeps buffers between calls, but not the target: once the user drops the target, it is
+    deleted, and the buffers kept for it (its cache) go with it."""
+    import gc
+    import weakref
+
+    target = make_target("llama", seed=27)
+    draft = make_draft(target, seed=28)
+    ids = torch.randint(3, target.config.vocab_size, (1, 20))
+    target.generate(ids, assistant_model=draft, max_new_tokens=8, do_sample=False)
+    assert kept(draft) is not None
+    target_ref, cache_ref = weakref.ref(target), weakref.ref(kept(draft).cache.kv)
+    del target
+    gc.collect()
+    assert target_ref() is None, "the kept workspace keeps the target alive"
+    assert kept(draft) is None and cache_ref() is None

@@ -1,21 +1,27 @@
-"""LongSpec decoding: target cache, tree attention hook, tree drafting and verification, the loop."""
+"""LongSpec decoding: target cache, tree attention, tree drafting and verification, the loop."""
 
 from .attention import LongSpecAttentionInputs, longspec_attention
 from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator, target_kv_from_cache
-from .decoding import LongSpecStats, longspec_decode
+from .decoding import DecodingSession, decode
+from .entry import generate
+from .options import LongSpecOptions
+from .stats import LongSpecStats
 from .tree import DraftTree, accept_greedy
 from .workspace import release_workspace
 
 __all__ = [
+    "DecodingSession",
     "DraftTree",
     "LongSpecAttentionInputs",
     "LongSpecCache",
     "LongSpecCandidateGenerator",
+    "LongSpecOptions",
     "LongSpecStats",
     "accept_greedy",
+    "decode",
+    "generate",
     "longspec_attention",
-    "longspec_decode",
     "release_workspace",
     "target_kv_from_cache",
 ]

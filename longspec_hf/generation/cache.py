@@ -8,6 +8,7 @@ has position `s - pad_start[b]`. A tree forward writes its K/V into the separate
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -22,7 +23,9 @@ class _LayerView(CacheLayerMixin):
 
     def __init__(self, cache: "LongSpecCache", layer_idx: int):
         super().__init__()
-        self.cache = cache
+        # A proxy, not a reference: the cache holds its layers, and a cycle would keep its K/V memory
+        # until the garbage collector runs.
+        self.cache = weakref.proxy(cache)
         self.layer_idx = layer_idx
         self.is_initialized = True
 
@@ -79,6 +82,9 @@ class LongSpecCache(Cache):
         )
         self.pad_start = pad_start.to(device=device, dtype=torch.long)
         self.committed_len = torch.zeros(batch_size, device=device, dtype=torch.long)
+        # Passed as a LongSpec forward's `attention_mask`: transformers hands a 4D mask to the attention
+        # as it is instead of building one (the LongSpec attention reads positions from the cache).
+        self.mask_placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
         self._write_tree = False
         self._write_len = 0
 

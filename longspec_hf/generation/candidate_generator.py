@@ -35,8 +35,10 @@ class LongSpecCandidateGenerator(CandidateGenerator):
     """Drafts trees with a [`LongSpecDraftModel`] that reads the target's last-layer KV cache.
 
     Args:
-        draft: the draft, attached to `target` by this constructor.
-        target: the model being decoded.
+        draft: the draft (read only: it keeps no state of this generator's, so several generators, on
+            one target or on several, can share it).
+        target: the model being decoded; its embedding, rotary embedding and LM head are held in
+            `target_parts` (by reference).
         tree_widths: nodes per tree level, e.g. `[4, 16, 16, 16, 16]`; `[1] * k` drafts a chain of `k`.
         batch_size: rows decoded together.
         target_kv: returns the target's committed last-layer K/V at the time of the call.
@@ -58,7 +60,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         self.tree_widths = [int(w) for w in tree_widths]
         self.target_kv = target_kv
         self.max_length = max_length
-        draft.attach_target(target)
+        self.target_parts = draft.target_parts_of(target)
         self.cache = draft.new_cache(batch_size, max_tree_nodes=sum(self.tree_widths))
         self._compiled_passes: tuple[Callable, Callable] | None = None
 
@@ -77,6 +79,11 @@ class LongSpecCandidateGenerator(CandidateGenerator):
                 compile_fixed_shapes(self._fill_and_query_level),
             )
         return self._compiled_passes
+
+    def refresh(self) -> None:
+        """Re-read what the draft takes from the target's LM head (its draft vocabulary's rows), in
+        place, in case the head or the vocabulary changed since the last call."""
+        self.draft.refresh_draft_head(self.target_parts)
 
     @torch.no_grad()
     def propose_tree(
@@ -188,7 +195,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         log_probs = torch.log_softmax(scores, dim=-1)
         if vocab_ids is None:
             return log_probs
-        full_vocab = self.draft.target_parts.lm_head.weight.shape[0]
+        full_vocab = self.target_parts.lm_head.weight.shape[0]
         full = log_probs.new_full((*log_probs.shape[:-1], full_vocab), float("-inf"))
         return full.scatter_(-1, vocab_ids.expand_as(log_probs), log_probs)
 
@@ -226,7 +233,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         valid = slots >= first[:, None]
         slots = torch.maximum(slots, first[:, None])
         logits = self.draft.append_and_query_root(
-            tokens.gather(1, slots), slots - pad_start[:, None], valid, self.cache, target_kv
+            tokens.gather(1, slots), slots - pad_start[:, None], valid, self.cache, target_kv, self.target_parts
         )
         self.cache.seen_len.copy_(seq_len)
         return logits
@@ -248,7 +255,9 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         # Scratch slot of node i is i - 1 (the root lives in the ring).
         visible = tree.ancestors[:, nodes, 1 : nodes.stop]
         positions = (root_position[:, None] + level).expand_as(tokens)
-        return self.draft.query_tree_level(tokens, positions, nodes.start - 1, visible, self.cache, target_kv)
+        return self.draft.query_tree_level(
+            tokens, positions, nodes.start - 1, visible, self.cache, target_kv, self.target_parts
+        )
 
     # ----- transformers CandidateGenerator API (batch size 1, chains) --------------------------------------
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:

@@ -31,3 +31,9 @@ def compile_fixed_shapes(fn: Callable[..., Output]) -> Callable[..., Output]:
             return compiled(*args, **kwargs)
 
     return call
+
+
+def call_model(model: torch.nn.Module, **inputs):
+    """`model(**inputs)`. Compiled instead of the model itself, so that the compiled function holds no
+    reference to the model (kept buffers must not keep a target alive); dynamo guards on the argument."""
+    return model(**inputs)

@@ -18,12 +18,16 @@ which overlaps with the next round's draft graph.
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import torch
 
 Output = TypeVar("Output")
+
+# One capture at a time in the process (see GraphedCall).
+_CAPTURING = threading.Lock()
 
 
 class GraphedCall(Generic[Output]):
@@ -40,7 +44,10 @@ class GraphedCall(Generic[Output]):
     steps then run eagerly, which keeps that code path testable on CPU.
 
     The garbage collector is off during a capture: a graph caught in an unreachable reference cycle
-    could otherwise be destroyed in the middle of another capture, which then fails.
+    could otherwise be destroyed in the middle of another capture, which then fails. Captures are made
+    one at a time in the process and in thread-local mode, so that calls decoding on other threads
+    meanwhile (launching kernels, allocating, waiting for the device) neither break the capture nor
+    are refused by it.
     """
 
     def __init__(self, fn: Callable[[], Output], capture: bool = True):
@@ -62,14 +69,15 @@ class GraphedCall(Generic[Output]):
         # allocator would otherwise be queried during the capture). `torch.cuda.graph(...)` would also
         # collect garbage and empty the allocator's cache, which on a busy Python heap costs more than a
         # whole short `generate` call and is not needed here.
-        torch.cuda.synchronize()
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            self._capture_on_side_stream()
-        finally:
-            if collecting:
-                gc.enable()
+        with _CAPTURING:
+            torch.cuda.synchronize()
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                self._capture_on_side_stream()
+            finally:
+                if collecting:
+                    gc.enable()
 
     def _capture_on_side_stream(self) -> None:
         side = torch.cuda.Stream()
@@ -77,7 +85,7 @@ class GraphedCall(Generic[Output]):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
             self.fn()
-            graph.capture_begin()
+            graph.capture_begin(capture_error_mode="thread_local")
             try:
                 self.output = self.fn()
             finally:

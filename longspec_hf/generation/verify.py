@@ -5,6 +5,7 @@ graph per tree shape."""
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ from transformers import PreTrainedModel
 from ..modeling import cache_keyword
 from .attention import LongSpecAttentionInputs
 from .cache import LongSpecCache
-from .compiling import compile_fixed_shapes
+from .compiling import call_model, compile_fixed_shapes
 from .cuda_graphs import GraphedCall, StaticInputs
 from .retrieval import best_leaf_suffix, latest_continuation
 from .tree import ChainLayout, DraftTree, GreedyAcceptance, accept_greedy
@@ -50,9 +51,11 @@ def merge_positions_verify(
         tree = layout.merge(tree, chains, leaf, leaf_chain)
     # The root is each row's last token.
     positions = (seq_len - 1 - pad_start)[:, None] + tree.depths[None, :]
-    logits = (target if forward is None else forward)(
+    logits = (forward or call_model)(
+        target,
         input_ids=tree.tokens,
         position_ids=positions,
+        attention_mask=cache.mask_placeholder,
         **{cache_keyword(target): cache},
         use_cache=True,
         logits_to_keep=0,
@@ -61,6 +64,15 @@ def merge_positions_verify(
     if not accept:
         return tree, logits, None
     return tree, logits, GreedyAcceptance(*(acceptance or greedy_acceptance)(tree, logits))
+
+
+def _verify_target_of(target_ref: weakref.ref, *args, **kwargs):
+    """[`merge_positions_verify`] of the target behind `target_ref` (a graph's step holds the target
+    weakly, so that kept buffers never keep it alive)."""
+    target = target_ref()
+    if target is None:
+        raise ReferenceError("the target these buffers were made for has been deleted")
+    return merge_positions_verify(target, *args, **kwargs)
 
 
 def greedy_acceptance(tree: DraftTree, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,7 +113,7 @@ class GraphedVerify:
         capture: bool = True,
         compiled: bool = False,
     ):
-        self.target = target
+        self.target = weakref.ref(target)
         self.cache = cache
         self.seq_len = seq_len
         self.pad_start = pad_start
@@ -111,7 +123,7 @@ class GraphedVerify:
         # Inductor fuses each layer's norms, rotary embedding and residual adds into a few kernels (a
         # small target's forward otherwise launches dozens of tiny kernels per layer); the attention
         # enters as the opaque operator `longspec::prefix_tree_attention`.
-        self.forward = compile_fixed_shapes(target) if compiled else None
+        self.forward = compile_fixed_shapes(call_model) if compiled else None
         self.acceptance = compile_fixed_shapes(greedy_acceptance) if compiled else None
         if compiled:
             # The capacity differs between prompt lengths; the forward reads only the committed slots
@@ -151,7 +163,7 @@ class GraphedVerify:
             )
             call = GraphedCall(
                 functools.partial(
-                    merge_positions_verify,
+                    _verify_target_of,
                     self.target,
                     self.cache,
                     self.seq_len,

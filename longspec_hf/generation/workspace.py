@@ -2,11 +2,16 @@
 
 A `generate` call allocates the target cache, the token buffer and the draft's cache, and captures its
 CUDA graphs against their addresses. Capturing costs as much as tens of decoding rounds of a small
-target, so, like transformers' static cache (`model._cache`), the [`DecodingWorkspace`] stays on the
-draft (`draft._longspec_workspace`) and the next call reuses it when it fits: same batch size, tree
-shape, acceptance mode, inference mode and weights (by address), and a capacity at least what the call needs but not
-far beyond it (a smaller call gets a fresh, smaller workspace, so memory follows the last call).
-`release_workspace(draft)` frees it.
+target, so, like transformers' static cache, the [`DecodingWorkspace`] stays on the draft, in its one
+attribute `_longspec_workspace`, and the next call reuses it when it fits: same target, batch size,
+tree shape, acceptance mode, inference mode and weights (by address), and a capacity at least what the
+call needs but not far beyond it (a smaller call gets a fresh, smaller workspace, so memory follows the
+last call). `release_workspace(draft)` frees it.
+
+A workspace holds its target weakly and no reference cycle: its memory is returned the moment it is
+replaced or released, or its target is deleted, without waiting for the garbage collector. A call
+claims it for its duration (`claim_workspace`); a call made meanwhile on another thread gets buffers of
+its own.
 
 The graphs read every per-call quantity (prompt length, padding, lengths) from these buffers on the
 device, so reusing them only means resetting the buffers' contents (`DecodingWorkspace.start`).
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +34,7 @@ from .adaptive import PlanCosts
 from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator
 from .cuda_graphs import GraphedCall
+from .options import LongSpecOptions
 from .tree import DraftTree
 from .verify import GraphedVerify
 
@@ -117,6 +125,8 @@ class DecodingWorkspace:
         capacity: int,
     ):
         self.key = key
+        # Weakly: a kept workspace never keeps its target alive (see `keep_on`).
+        self.target = weakref.ref(target)
         text_config = target.config.get_text_config()
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         batch, device = key.batch_size, key.device
@@ -147,25 +157,24 @@ class DecodingWorkspace:
         )
         self.draft_graphs: dict[int, GraphedCall[DraftTree]] = {}
         self.plan_costs = PlanCosts()
-        # Set while a call decodes with it: a concurrent call (another thread) gets its own buffers.
+        # Set while a call decodes with it (under _CLAIMING): a concurrent call gets buffers of its own.
         self.in_use = False
 
     @property
     def capacity(self) -> int:
         return self.cache.capacity
 
-    def fits(self, key: WorkspaceKey, capacity: int) -> bool:
+    def fits(self, key: WorkspaceKey, capacity: int, target: PreTrainedModel) -> bool:
         spare = SPARE_BLOCKS * (CAPACITY_BLOCK_CUDA if key.capture else CAPACITY_BLOCK_CPU)
-        return key == self.key and capacity <= self.capacity <= capacity + spare
+        return key == self.key and self.target() is target and capacity <= self.capacity <= capacity + spare
 
-    @contextlib.contextmanager
-    def claim(self) -> Iterator[None]:
-        """Mark the workspace in use for the duration of a call (released on errors too)."""
-        self.in_use = True
-        try:
-            yield
-        finally:
-            self.in_use = False
+    def keep_on(self, draft: LongSpecDraftModel) -> None:
+        """Keep this workspace on `draft` for later calls, until it is replaced or released, or its target
+        is deleted: its memory (the target's cache above all) then goes with it."""
+        setattr(draft, ATTRIBUTE, self)
+        target = self.target()
+        if target is not None:
+            weakref.finalize(target, _release_if_kept, weakref.ref(draft), weakref.ref(self))
 
     def start(self, input_ids: torch.Tensor, pad_start: torch.Tensor, pad_token_id: int) -> None:
         """Reset the buffers for a new call with prompt `input_ids` `(B, P)`."""
@@ -184,45 +193,73 @@ class DecodingWorkspace:
         return (_no_workspace, ())
 
 
-def acquire_workspace(
+# Claiming a kept workspace (check that it is free, then mark it used) is one step for all threads.
+_CLAIMING = threading.Lock()
+
+
+@contextlib.contextmanager
+def claim_workspace(
     target: PreTrainedModel,
     draft: LongSpecDraftModel,
     input_ids: torch.Tensor,
+    options: LongSpecOptions,
+    max_new_tokens: int,
     *,
-    tree_widths: list[int],
-    max_tree_nodes: int,
-    capacity: int,
     accept_in_graph: bool,
-    capture: bool,
-    keep: bool,
-    compile_draft: bool = False,
-    compile_target: bool = False,
-) -> DecodingWorkspace:
-    """The draft's kept workspace when it fits this call, else a new one (kept on the draft if `keep`).
+    do_sample: bool,
+) -> Iterator[DecodingWorkspace]:
+    """A workspace that this call alone uses until the block ends (errors included).
+
+    The draft's kept workspace when it is free and fits the call; else a new one, kept on the draft in
+    its place when the call uses CUDA graphs (the old one is released first, so the two never hold
+    memory together), unless the kept one is in use by another call (another thread): it is then
+    neither shared nor replaced.
 
     Args:
-        capacity: cache slots per row this call needs.
-        keep: store a new workspace on the draft for later calls (the one it replaces is released first,
-            so the two never hold memory together). A workspace that another call is using is neither
-            shared nor replaced: this call then gets buffers of its own.
+        accept_in_graph: greedy acceptance runs inside the verify graph (no logits processors).
+        do_sample: the call samples (its draft runs eagerly, so `compile_draft` does not apply).
     """
+    capture = input_ids.device.type == "cuda"
+    keep = options.cuda_graphs
     key = WorkspaceKey.of(
-        target, draft, input_ids, tree_widths, max_tree_nodes, accept_in_graph, capture, compile_draft, compile_target
+        target,
+        draft,
+        input_ids,
+        list(options.tree_widths),
+        options.max_tree_nodes,
+        accept_in_graph,
+        capture,
+        compile_draft=options.compile_draft and keep and not do_sample,
+        compile_target=options.compile_target and keep,
     )
-    kept: DecodingWorkspace | None = getattr(draft, ATTRIBUTE, None)
-    if kept is not None and kept.in_use:
-        keep = False  # another call is decoding with it: leave it alone
-    elif keep and kept is not None and kept.fits(key, capacity):
-        return kept
-    if keep:
-        release_workspace(draft)
-    block = CAPACITY_BLOCK_CUDA if capture else CAPACITY_BLOCK_CPU
-    workspace = DecodingWorkspace(key, target, draft, -(-capacity // block) * block if keep else capacity)
-    if keep:
-        setattr(draft, ATTRIBUTE, workspace)
-    return workspace
+    # Finished rows keep riding along in the batch: leave room for one more path past the last token.
+    capacity = input_ids.shape[1] + max_new_tokens + 2 * (options.max_depth + 1)
+    with _CLAIMING:
+        kept: DecodingWorkspace | None = getattr(draft, ATTRIBUTE, None)
+        if kept is not None and not kept.in_use and keep and kept.fits(key, capacity, target):
+            workspace = kept
+        else:
+            keep = keep and (kept is None or not kept.in_use)
+            if keep:
+                release_workspace(draft)
+            block = CAPACITY_BLOCK_CUDA if capture else CAPACITY_BLOCK_CPU
+            workspace = DecodingWorkspace(key, target, draft, -(-capacity // block) * block if keep else capacity)
+            if keep:
+                workspace.keep_on(draft)
+        workspace.in_use = True
+    try:
+        yield workspace
+    finally:
+        workspace.in_use = False
 
 
 def release_workspace(draft: LongSpecDraftModel) -> None:
     """Free the buffers and CUDA graphs that `generate` keeps on `draft` between calls."""
     draft.__dict__.pop(ATTRIBUTE, None)
+
+
+def _release_if_kept(draft_ref: weakref.ref, workspace_ref: weakref.ref) -> None:
+    """When a target is deleted: drop the workspace kept for it, if the draft still keeps that one."""
+    draft = draft_ref()
+    if draft is not None and workspace_ref() is not None and draft.__dict__.get(ATTRIBUTE) is workspace_ref():
+        release_workspace(draft)

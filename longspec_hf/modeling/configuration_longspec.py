@@ -7,6 +7,9 @@ from typing import Any
 from transformers import PretrainedConfig
 
 SUPPORTED_TARGET_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Nodes per level of the draft's tree when neither the call nor a generation config says otherwise
+# (69 nodes with the root; the paper's default).
+DEFAULT_TREE_WIDTHS = (4, 16, 16, 16, 16)
 
 
 class LongSpecDraftConfig(PretrainedConfig):
@@ -90,7 +93,7 @@ class LongSpecDraftConfig(PretrainedConfig):
         self.target_rope_parameters = target_rope_parameters
         self.target_model_type = target_model_type
         self.target_name_or_path = target_name_or_path
-        self.tree_widths = list(tree_widths) if tree_widths is not None else [4, 16, 16, 16, 16]
+        self.tree_widths = list(tree_widths) if tree_widths is not None else list(DEFAULT_TREE_WIDTHS)
         # The draft proposes only these many tokens (the model's `draft_vocab_ids`); None: all.
         self.draft_vocab_size = draft_vocab_size
         # The draft predicts tokens of the target's vocabulary (transformers compares assistants by this).

@@ -16,11 +16,13 @@ size does not depend on the context length. The cross-attention needs no cache o
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -30,13 +32,42 @@ from ..kernels import attention_with_lse
 from .configuration_longspec import LongSpecDraftConfig
 
 
-@dataclass
 class TargetParts:
-    """The modules the draft borrows from its target. Held by reference, never saved with the draft."""
+    """The modules the draft borrows from its target: token embedding, rotary embedding and LM head.
 
-    embed_tokens: nn.Module
-    rotary_emb: nn.Module
-    lm_head: nn.Module
+    Held by weak reference: a draft and the buffers decoding keeps for it never keep a dropped target
+    (or its embeddings) alive; reading a part of a target that is gone raises a ReferenceError.
+
+    `draft_head`: with a draft vocabulary, the LM head's rows (weight, and bias if any) for the draft's
+    `draft_vocab_ids`, kept at one address (CUDA graphs of the draft read it) and refreshed in place by
+    [`LongSpecDraftModel.refresh_draft_head`]; `draft_head_source` says what they were taken from.
+    """
+
+    def __init__(self, embed_tokens: nn.Module, rotary_emb: nn.Module, lm_head: nn.Module):
+        self._modules = tuple(weakref.ref(module) for module in (embed_tokens, rotary_emb, lm_head))
+        self.draft_head: tuple[torch.Tensor, ...] | None = None
+        self.draft_head_source: tuple[int, ...] | None = None
+
+    def _part(self, index: int) -> nn.Module:
+        module = self._modules[index]()
+        if module is None:
+            raise ReferenceError("the target this draft was decoding for has been deleted")
+        return module
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self._part(0)
+
+    @property
+    def rotary_emb(self) -> nn.Module:
+        return self._part(1)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self._part(2)
+
+    def same_modules(self, other: "TargetParts") -> bool:
+        return all(a() is b() for a, b in zip(self._modules, other._modules))
 
 
 @dataclass
@@ -225,7 +256,10 @@ class LongSpecPreTrainedModel(PreTrainedModel):
 
 
 class LongSpecDraftModel(LongSpecPreTrainedModel):
-    """One-block LongSpec draft. Attach a target with [`attach_target`] before running it.
+    """One-block LongSpec draft over a target's embedding, rotary embedding and LM head.
+
+    The inference entry points take the target's parts ([`target_parts_of`]) explicitly; [`forward`]
+    (training) reads those of the target given to [`attach_target`].
 
     Two entry points serve inference, both of which read and write a [`DraftCache`]:
 
@@ -249,10 +283,6 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         self.register_buffer("draft_vocab_ids", None)
         if config.draft_vocab_size is not None:
             self.register_buffer("draft_vocab_ids", torch.arange(config.draft_vocab_size))
-        # The LM head's rows (weight, and bias if any) for draft_vocab_ids, and what they were taken from
-        # (see _draft_vocab_head).
-        self._draft_head: tuple[torch.Tensor, ...] | None = None
-        self._draft_head_source: tuple[int, ...] | None = None
         # The draft's decoding defaults (tree widths) travel in generation_config.json beside its weights.
         self.generation_config = GenerationConfig(tree_widths=list(config.tree_widths))
         self.post_init()
@@ -302,7 +332,13 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         wants_info = kwargs.pop("output_loading_info", False)
         tolerate_mismatch = kwargs.setdefault("ignore_mismatched_sizes", False)
         kwargs["ignore_mismatched_sizes"] = True  # report mismatches below, with their shapes
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights of the draft at {pretrained_model_name_or_path} cannot be read ({error}): the "
+                "safetensors file is corrupt or incomplete. Re-download or re-save the draft."
+            ) from error
         missing = sorted(info.get("missing_keys") or [])
         mismatched = [] if tolerate_mismatch else list(info.get("mismatched_keys") or [])
         if missing:
@@ -388,14 +424,27 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
                 repo_type="model",
             )
 
-    # ----- target attachment -------------------------------------------------------------------------
-    def attach_target(self, target: PreTrainedModel) -> None:
-        """Borrow `target`'s token embedding, rotary embedding and LM head (held by reference, not saved)."""
+    # ----- target parts ------------------------------------------------------------------------------
+    def target_parts_of(self, target: PreTrainedModel) -> TargetParts:
+        """`target`'s token embedding, rotary embedding and LM head as the draft reads them (by reference),
+        with the draft vocabulary's head rows taken. Each decoding call holds its own: the draft itself
+        keeps no per-target state, so calls on different targets can share one draft."""
         base = target.get_decoder() if hasattr(target, "get_decoder") else target.model
-        self._target = TargetParts(
+        parts = TargetParts(
             embed_tokens=target.get_input_embeddings(), rotary_emb=base.rotary_emb, lm_head=target.get_output_embeddings()
         )
-        self._draft_vocab_head()
+        self.refresh_draft_head(parts)
+        return parts
+
+    def attach_target(self, target: PreTrainedModel) -> None:
+        """Make `target`'s parts the default of the entry points that take no `target` (training's
+        `forward`, direct calls). Decoding passes its own [`target_parts_of`] and never attaches."""
+        parts = self.target_parts_of(target)
+        kept = self._target
+        if kept is not None and kept.same_modules(parts):
+            self.refresh_draft_head(kept)  # the same target again: its head rows stay at their address
+        else:
+            self._target = parts
 
     def set_draft_vocabulary(self, token_ids: Sequence[int] | torch.Tensor | None) -> None:
         """Make drafting score only `token_ids` (None: the whole vocabulary again).
@@ -420,18 +469,19 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
                 )
             self.config.draft_vocab_size = ids.numel()
             self.register_buffer("draft_vocab_ids", ids.to(self.device))
-        self._draft_head = self._draft_head_source = None
+        if self._target is not None:
+            self.refresh_draft_head(self._target)
 
-    def _draft_vocab_head(self) -> None:
-        """Take the LM head's rows for `draft_vocab_ids` (after `attach_target`).
+    def refresh_draft_head(self, parts: TargetParts) -> None:
+        """Take the LM head's rows for `draft_vocab_ids` into `parts.draft_head`.
 
         Kept between calls at one address, which CUDA graphs of the draft read: made anew only for
         another head or vocabulary, refreshed in place when the head's weights changed in place."""
         ids = self.draft_vocab_ids
         if ids is None:
-            self._draft_head = self._draft_head_source = None
+            parts.draft_head = parts.draft_head_source = None
             return
-        lm_head = self.target_parts.lm_head
+        lm_head = parts.lm_head
         weight = getattr(lm_head, "weight", None)
         bias = getattr(lm_head, "bias", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -442,7 +492,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             )
         source = (weight.data_ptr(), weight._version, ids.data_ptr(), ids._version)
         source += (bias.data_ptr(), bias._version) if bias is not None else ()
-        if source == self._draft_head_source:
+        if source == parts.draft_head_source:
             return
         if ids.dim() != 1 or not bool((ids[1:] > ids[:-1]).all()) or int(ids[0]) < 0 or int(ids[-1]) >= weight.shape[0]:
             raise ValueError(
@@ -452,20 +502,21 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             )
         rows = ids.to(weight.device)
         head = tuple(t.detach().index_select(0, rows) for t in (weight, bias) if t is not None)
-        kept = self._draft_head
+        kept = parts.draft_head
         if kept is not None and [(t.shape, t.dtype, t.device) for t in kept] == [(t.shape, t.dtype, t.device) for t in head]:
             for old, new in zip(kept, head):
                 old.copy_(new)
         else:
-            self._draft_head = head
-        self._draft_head_source = source
+            parts.draft_head = head
+        parts.draft_head_source = source
 
-    @property
-    def target_parts(self) -> TargetParts:
+    def _parts(self, target: TargetParts | None) -> TargetParts:
+        if target is not None:
+            return target
         if self._target is None:
             raise RuntimeError(
-                "This LongSpecDraftModel has no target attached: pass it to target.generate(assistant_model=draft) "
-                "or call draft.attach_target(target) first."
+                "This LongSpecDraftModel has no target: pass it to target.generate(assistant_model=draft), pass "
+                "target=draft.target_parts_of(target), or call draft.attach_target(target) first."
             )
         return self._target
 
@@ -473,21 +524,22 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         return DraftCache(batch_size, self.config, max_tree_nodes, self.device, self.dtype)
 
     # ----- pieces of the block -----------------------------------------------------------------------
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.target_parts.embed_tokens(input_ids).to(self.dtype)
+    def _embed(self, input_ids: torch.Tensor, target: TargetParts) -> torch.Tensor:
+        return target.embed_tokens(input_ids).to(self.dtype)
 
-    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.target_parts.rotary_emb(hidden, position_ids=position_ids.clamp(min=0))
+    def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, target: TargetParts) -> tuple[torch.Tensor, torch.Tensor]:
+        return target.rotary_emb(hidden, position_ids=position_ids.clamp(min=0))
 
-    def _logits(self, hidden: torch.Tensor, draft_vocabulary: bool = False) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, target: TargetParts | None = None, draft_vocabulary: bool = False) -> torch.Tensor:
         """Logits over the target's vocabulary, or with `draft_vocabulary` over `draft_vocab_ids` when the
         draft has them (drafting; training scores the whole vocabulary)."""
+        target = self._parts(target)
         if draft_vocabulary and self.draft_vocab_ids is not None:
-            if self._draft_head is None:
-                self._draft_vocab_head()
-            weight_and_bias = self._draft_head
+            if target.draft_head is None:
+                self.refresh_draft_head(target)
+            weight_and_bias = target.draft_head
             return F.linear(hidden.to(weight_and_bias[0].dtype), *weight_and_bias)
-        lm_head = self.target_parts.lm_head
+        lm_head = target.lm_head
         return lm_head(hidden.to(lm_head.weight.dtype))
 
     def _finish_block(
@@ -506,6 +558,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         valid: torch.Tensor,
         cache: DraftCache,
         target_kv: TargetKV,
+        target: TargetParts | None = None,
     ) -> torch.Tensor:
         """Write committed tokens into the ring and return the logits of each row's last valid token.
 
@@ -515,6 +568,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             cache: the draft cache, updated in place.
             target_kv: the target's committed last-layer cache; the returned root at position `t` reads
                 positions `< t`, which must be exactly the committed slots.
+            target: the target's parts ([`target_parts_of`]); default: the attached target's.
 
         Returns:
             `(B, vocab)` logits at each row's last valid token; with a draft vocabulary `(B,
@@ -523,8 +577,9 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         batch, chunk = input_ids.shape
         if chunk > cache.window:
             raise ValueError(f"at most {cache.window} tokens can be appended at once, got {chunk}")
-        hidden = self._embed(input_ids)
-        cos, sin = self._rotary(hidden, position_ids)
+        target = self._parts(target)
+        hidden = self._embed(input_ids, target)
+        cos, sin = self._rotary(hidden, position_ids, target)
         key, value = self.self_attn.key_value(self.input_layernorm(hidden), cos, sin)
         # Only the root's query matters: take each row's last valid token.
         last = (valid.long() * torch.arange(1, chunk + 1, device=valid.device)).argmax(dim=1, keepdim=True)
@@ -554,7 +609,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             differentiable=False,
         )
         hidden = self._finish_block(root_hidden, attn, root_cos, root_sin, target_kv)
-        return self._logits(hidden, draft_vocabulary=True)[:, 0]
+        return self._logits(hidden, target, draft_vocabulary=True)[:, 0]
 
     @torch.no_grad()
     def query_tree_level(
@@ -565,6 +620,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         tree_visible: torch.Tensor,
         cache: DraftCache,
         target_kv: TargetKV,
+        target: TargetParts | None = None,
     ) -> torch.Tensor:
         """Draft one tree level: store its K/V in scratch slots `[scratch_start, scratch_start + n)`.
 
@@ -572,14 +628,15 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             input_ids, position_ids: `(B, n)` tokens and absolute positions of the level's nodes.
             tree_visible: `(B, n, scratch_start + n)` boolean; True where a node sees a scratch node
                 (its ancestors below the root, and itself).
-            cache, target_kv: as in [`append_and_query_root`]; the ring must hold the root.
+            cache, target_kv, target: as in [`append_and_query_root`]; the ring must hold the root.
 
         Returns:
             `(B, n, vocab)` logits; with a draft vocabulary `(B, n, draft_vocab_size)`.
         """
         num_nodes = input_ids.shape[1]
-        hidden = self._embed(input_ids)
-        cos, sin = self._rotary(hidden, position_ids)
+        target = self._parts(target)
+        hidden = self._embed(input_ids, target)
+        cos, sin = self._rotary(hidden, position_ids, target)
         normed = self.input_layernorm(hidden)
         key, value = self.self_attn.key_value(normed, cos, sin)
         end = scratch_start + num_nodes
@@ -590,7 +647,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         value_all = cache.value_slots[:, :, : cache.window + end]
         visible = torch.cat([self._ring_visibility(cache, position_ids), tree_visible], dim=2)
         attn = self.self_attn(normed, cos, sin, key_all, value_all, visible, differentiable=False)
-        return self._logits(self._finish_block(hidden, attn, cos, sin, target_kv), draft_vocabulary=True)
+        return self._logits(self._finish_block(hidden, attn, cos, sin, target_kv), target, draft_vocabulary=True)
 
     @staticmethod
     def _ring_visibility(cache: DraftCache, query_positions: torch.Tensor) -> torch.Tensor:
@@ -624,8 +681,9 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         """
         batch, length = input_ids.shape
         device = input_ids.device
-        hidden = self._embed(input_ids)
-        cos, sin = self._rotary(hidden, position_ids)
+        target = self._parts(None)
+        hidden = self._embed(input_ids, target)
+        cos, sin = self._rotary(hidden, position_ids, target)
         normed = self.input_layernorm(hidden)
         key, value = self.self_attn.key_value(normed, cos, sin)
         index = torch.arange(length, device=device)
@@ -644,4 +702,4 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         out, _ = attention_with_lse(query, target_key.to(query.dtype), target_value.to(query.dtype), cross_visible, self.cross_attn.scale)
         hidden = hidden + self.cross_attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
         hidden = hidden + self.mlp(self.post_cross_attention_layernorm(hidden))
-        return self._logits(hidden)
+        return self._logits(hidden, target)
