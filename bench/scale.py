@@ -418,7 +418,9 @@ def measure(case: Case, target, draft, prompt, args, budget: Budget, base: int) 
     case.ms_per_round_median = statistics.median(medians) if medians else None
     case.ms_per_round_mean = statistics.median(c.ms_per_round_mean for c in clean)
     case.prefill_s = statistics.median(c.prefill_s for c in clean)
-    case.prefill_includes_first_use = len(calls) == 1
+    key = budget.compile_key(case.model, case.batch, case.method, case.context)
+    # One call of a method whose shapes this process has not compiled yet: its prefill compiled too.
+    case.prefill_includes_first_use = len(calls) == 1 and compiles(case.method) and key not in budget.compiled
     taus = [c.tau for c in clean if c.tau is not None]
     case.tau_measured_here = statistics.mean(taus) if taus else None
     first = calls[0]
@@ -428,7 +430,6 @@ def measure(case: Case, target, draft, prompt, args, budget: Budget, base: int) 
         case.first_use_s = first.first_rounds_extra_s
     budget.prefill.setdefault((case.model, case.batch, case.context), case.prefill_s)
     if compiles(case.method):
-        key = budget.compile_key(case.model, case.batch, case.method, case.context)
         if key not in budget.compiled:
             budget.compile_s[case.method] = case.first_use_s
         budget.compiled.add(key)
@@ -604,6 +605,12 @@ def markdown(report: dict) -> str:
     by_key = {(c["model"], c["batch"], c["context"], c["method"]): c for c in cases}
     for model, batch in groups:
         contexts = sorted({c["context"] for c in cases if (c["model"], c["batch"]) == (model, batch)})
+        if not any(c["ms_per_round"] is not None for c in cases if (c["model"], c["batch"]) == (model, batch)):
+            lines += [f"**{model}, batch {batch}: nothing measured**", ""]
+            lines += [f"- {c['context']} {c['method']}: {c['skipped'] or c['error']}" for c in cases
+                      if (c["model"], c["batch"]) == (model, batch)]
+            lines.append("")
+            continue
         lines += [f"**{model}, batch {batch}: ms per step / round**", "",
                   "| context | floor | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
         for context in contexts:
@@ -659,16 +666,20 @@ def plot(report: dict, out: Path) -> Path | None:
     if not groups:
         return None
     figure, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False)
+    # One colour per method in every panel, in METHODS' order.
+    names = [m for m in METHODS if any(c["method"] == m for c in cases)]
+    names += [m for m in dict.fromkeys(c["method"] for c in cases) if m not in names]
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(names)}
     for axis, (model, batch) in zip(axes[0], groups):
         mine = [c for c in cases if (c["model"], c["batch"]) == (model, batch)]
-        floors = sorted({(c["context"], c["floor_ms"]) for c in mine})
-        axis.plot([c for c, _ in floors], [f for _, f in floors], "k--", label="floor (bytes / copy bandwidth)")
-        for method in dict.fromkeys(c["method"] for c in mine):
+        floors = sorted({c["context"]: c["floor_ms"] for c in mine}.items())
+        axis.plot([c for c, _ in floors], [f for _, f in floors], "k--", marker="x", label="floor (bytes / copy bandwidth)")
+        for method in [m for m in colors if any(c["method"] == m for c in mine)]:
             points = sorted((c["context"], c["ms_per_round"]) for c in mine if c["method"] == method)
             style = "-" if method.endswith("compiled") else ":"
-            axis.plot([c for c, _ in points], [m for _, m in points], style, marker="o", label=method)
+            axis.plot([c for c, _ in points], [m for _, m in points], style, marker="o", color=colors[method], label=method)
         axis.set_xscale("log", base=2)
-        axis.set_xticks(sorted({c for c, _ in floors}), [f"{c // 1024}k" if c >= 1024 else str(c) for c, _ in floors])
+        axis.set_xticks([c for c, _ in floors], [f"{c // 1024}k" if c >= 1024 else str(c) for c, _ in floors])
         axis.set(xlabel="context (tokens)", ylabel="ms per step / round", title=f"{model}, batch {batch}")
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
@@ -717,9 +728,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--commit", default=None, help="recorded with the results (default: git rev-parse)")
     parser.add_argument("--full-config", action="store_true", help="record the whole model config")
-    parser.add_argument("--rescore", default=None, metavar="SCALE_JSON",
-                        help="measure nothing: recompute the projections of an earlier scale.json with --tau-file "
-                        "and write its JSON, table and plot again under --out-dir (no GPU needed)")
+    parser.add_argument("--rescore", nargs="+", default=None, metavar="SCALE_JSON",
+                        help="measure nothing: merge earlier scale.json files (a case measured in a later file "
+                        "replaces one skipped in an earlier), recompute the projections with --tau-file, and write "
+                        "the JSON, table and plot under --out-dir (no GPU needed)")
     parser.add_argument("--out-dir", default=os.environ.get("OUT", "scale-results"))
     args = parser.parse_args(argv)
     for spec in args.longspec_method:
@@ -743,6 +755,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def merge(reports: list[dict]) -> dict:
+    """One report from several runs: every (model, batch, context, method) once, measured where any run
+    measured it (the first such run), else as the first run recorded it; the runs' metadata under
+    `meta["runs"]`."""
+    for report in reports:
+        infer_first_use(report["cases"])
+    merged = json.loads(json.dumps(reports[0]))
+    merged["meta"]["runs"] = [r["meta"] for r in reports]
+    cases: dict[tuple, dict] = {}
+    for report in reports:
+        merged["models"].update({k: v for k, v in report["models"].items() if k not in merged["models"]})
+        for case in report["cases"]:
+            key = (case["model"], case["batch"], case["context"], case["method"])
+            kept = cases.get(key)
+            if kept is None or (kept["ms_per_round"] is None and case["ms_per_round"] is not None):
+                cases[key] = case
+    merged["cases"] = list(cases.values())
+    fill_first_use(merged["cases"])
+    return merged
+
+
+def infer_first_use(cases: list[dict]) -> None:
+    """In one run's cases (in the order they ran): a single call of a compiled LongSpec method that ran
+    before in that run (same model and batch) compiled nothing in its prefill (its shapes do not depend
+    on the context)."""
+    seen = set()
+    for case in cases:
+        key = (case["model"], case["batch"], case["method"])
+        if case["ms_per_round"] is None:
+            continue
+        if key in seen and is_known_longspec(case["method"]):
+            case["prefill_includes_first_use"] = False
+        seen.add(key)
+
+
+def is_known_longspec(name: str) -> bool:
+    return name in METHODS and is_longspec(name)
+
+
 def rescore(report: dict, tau_file: str | None) -> dict:
     """`report` with tau and projected tokens/s taken from `tau_file` (methods this file does not know keep
     theirs)."""
@@ -759,7 +810,7 @@ def rescore(report: dict, tau_file: str | None) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.rescore:
-        report = rescore(json.loads(Path(args.rescore).read_text()), args.tau_file)
+        report = rescore(merge([json.loads(Path(p).read_text()) for p in args.rescore]), args.tau_file)
         write_json(report, Path(args.out_dir))
         return finish(report, args)
     if args.device.startswith("cuda"):

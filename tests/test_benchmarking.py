@@ -288,3 +288,46 @@ def test_scale_runs_end_to_end_on_a_tiny_model(scale, tmp_path, capsys):
     assert cases[(1, "no_draft_graphs")]["calls"][0]["rounds"] == 4
     assert (out / "scale.md").read_text().strip() in capsys.readouterr().out
     assert report["cases"] == saved["cases"]
+
+
+def test_scale_merges_runs_and_rescores_projections(scale, tmp_path):
+    def case(method, context, ms=None, **fields):
+        values = dict(model="m", batch=1, context=context, method=method, floor_ms=2.0, tau=None, ms_per_round=ms,
+                      projected_tokens_per_s=None, prefill_s=None if ms is None else 1.0,
+                      prefill_includes_first_use=False, first_use_s=None if ms is None else 0.1, memory={},
+                      skipped=None if ms is not None else "time budget", error=None)
+        values.update(fields)
+        return values
+
+    meta = dict(device="GPU", dtype="bfloat16", new_tokens=32, commit="c", copy_bandwidth_bytes_per_s=1e12, tau={})
+    first = {"meta": dict(meta, command="run 1"), "models": {"m": {}}, "cases": [
+        case("tree_graphs", 4096, 10.0, prefill_s=1.0),
+        case("tree_compiled", 4096),
+    ]}
+    second = {"meta": dict(meta, command="run 2"), "models": {"m": {}}, "cases": [
+        case("tree_compiled", 1024, 5.0, prefill_includes_first_use=True, prefill_s=30.0, first_use_s=2.0),
+        # Compiled in this run already (at 1024): its one call's prefill compiled nothing.
+        case("tree_compiled", 4096, 8.0, prefill_includes_first_use=True, prefill_s=1.1),
+        case("tree_graphs", 4096, 99.0),
+    ]}
+    merged = scale.merge([first, second])
+    cases = {(c["context"], c["method"]): c for c in merged["cases"]}
+    assert [r["command"] for r in merged["meta"]["runs"]] == ["run 1", "run 2"]
+    assert cases[(4096, "tree_graphs")]["ms_per_round"] == 10.0  # the first measurement stays
+    assert cases[(4096, "tree_compiled")]["ms_per_round"] == 8.0  # measured later replaces skipped
+    assert cases[(4096, "tree_compiled")]["prefill_includes_first_use"] is False
+    assert cases[(4096, "tree_compiled")]["prefill_s"] == 1.1
+    # The first compiled call's prefill has no graphs-only sibling at 1024: it stays marked.
+    assert cases[(1024, "tree_compiled")]["prefill_includes_first_use"] is True
+    tau = tmp_path / "tau.json"
+    tau.write_text(json.dumps([{"draft": "bundled", "tree": "default", "tree_widths": [4, 16, 16, 16, 16],
+                                "mode": "greedy", "context": 7680, "tau": 4.0}]))
+    rescored = scale.rescore(merged, str(tau))
+    cases = {(c["context"], c["method"]): c for c in rescored["cases"]}
+    assert cases[(4096, "tree_compiled")]["projected_tokens_per_s"] == pytest.approx(500.0)
+    assert rescored["meta"]["tau"]["4,16,16,16,16"]["tau"] == 4.0
+    # Siblings: a compiled method's first call with the graphs-only prefill beside it.
+    single = [case("no_draft_graphs", 131072, 10.0, prefill_s=11.8),
+              case("no_draft_compiled", 131072, 9.0, prefill_s=110.0, first_use_s=20.0, prefill_includes_first_use=True)]
+    scale.fill_first_use(single)
+    assert single[1]["prefill_s"] == 11.8 and single[1]["first_use_s"] == pytest.approx(20.0 + 110.0 - 11.8)
