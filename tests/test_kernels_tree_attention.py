@@ -13,6 +13,8 @@ import traceback
 import pytest
 import torch
 
+from transformers.masking_utils import sliding_window_overlay
+
 from longspec_hf import kernels
 from longspec_hf.kernels import reference, testing
 
@@ -42,7 +44,29 @@ CPU_CASES = {
     # exponentials are taken against the running maximum.
     "growing_scores": dict(lengths=[150, 61], capacity=160, kv_heads=1, group=2, queries=3, head_dim=16,
                            num_splits=2, config=dict(BLOCK_M=16, BLOCK_N=16), key_growth=0.6),
+    # Sliding windows (a target layer's `sliding_window`). The window starts mid-block and mid-chunk in
+    # the long row, one row has no prefix, and splits beyond the window see nothing.
+    "window_ragged_gqa_splits": dict(lengths=[37, 0, 64], capacity=80, kv_heads=2, group=3, queries=5, head_dim=16,
+                                     num_splits=3, config=dict(BLOCK_M=16, BLOCK_N=16), window=20),
+    # A chain of 40 nodes (depths 0..39, 2 heads: 5 row blocks): each row's window starts elsewhere, a row
+    # block's starts span several key blocks, and deep nodes lose their oldest ancestors too.
+    "window_chain_spread_over_blocks": dict(lengths=[50, 9], capacity=64, kv_heads=1, group=2, queries=40,
+                                            head_dim=16, num_splits=3, config=dict(BLOCK_M=16, BLOCK_N=16),
+                                            window=24, chain=True),
+    # Windows of 1 and 2: a node sees itself (and its parent); no prefix key is in reach of most nodes.
+    "window_of_one": dict(lengths=[30, 5], capacity=40, kv_heads=2, group=2, queries=9, head_dim=16, num_splits=2,
+                          config=dict(BLOCK_M=16, BLOCK_N=16), window=1),
+    "window_of_two": dict(lengths=[30, 5], capacity=40, kv_heads=2, group=2, queries=9, head_dim=16, num_splits=2,
+                          config=dict(BLOCK_M=16, BLOCK_N=16), window=2, chain=True),
+    # Default tiles and splits, one tree shared by the rows with its depths given once `(T,)` (how the
+    # verify forward's trees are laid out).
+    "window_default_launch_shared_depths": dict(lengths=[150, 93], capacity=160, kv_heads=1, group=4, queries=7,
+                                                head_dim=64, window=70, shared_tree=True),
+    # A window wider than every row: the same numbers as full attention.
+    "window_wider_than_rows": dict(lengths=[37, 12], capacity=48, kv_heads=2, group=2, queries=6, head_dim=16,
+                                   num_splits=2, config=dict(BLOCK_M=16, BLOCK_N=16), window=500),
 }
+WINDOW_CASES = [name for name, shape in CPU_CASES.items() if shape.get("window")]
 # Cases whose rows all have a prefix, also run through the prefix-only entry point.
 PREFIX_ONLY_CASES = ["default_launch_single_query", "padded_head_dim_many_row_blocks"]
 # Cases run through `masked_attention` over their tree keys alone (default launch parameters).
@@ -54,7 +78,9 @@ REL_TOLERANCE = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 1e-2}
 
 
 def make_inputs(shape: dict, dtype: torch.dtype, device: str, seed: int) -> dict:
-    """Random inputs of one case; cache slots outside each row's prefix hold NaN."""
+    """Random inputs of one case; cache slots outside each row's prefix hold NaN, and so do those before
+    the earliest window start of a row when the case has a window (no program may read them: a NaN
+    value read under a zero probability still makes the output NaN)."""
     gen = torch.Generator().manual_seed(seed)
     lengths, capacity = shape["lengths"], shape["capacity"]
     batch, kv_heads, head_dim, num_queries = len(lengths), shape["kv_heads"], shape["head_dim"], shape["queries"]
@@ -77,11 +103,17 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: str, seed: int) -> dict
         for row in range(batch):  # garbage outside the committed prefix must never reach the result
             cache[row, :, : start[row]] = float("nan")
             cache[row, :, end[row]:] = float("nan")
+            if shape.get("window"):  # the root (depth 0) has the earliest window start
+                cache[row, :, : max(0, end[row] - shape["window"] + 1)] = float("nan")
         caches.append(cache)
     num_tree = shape.get("tree") or num_queries
     if shape.get("tree"):
         tree_mask = torch.rand(batch, num_queries, num_tree, generator=gen) < 0.4
         tree_mask[:, 0] = False
+    elif shape.get("chain"):
+        tree_mask = testing.ancestor_mask(list(range(-1, num_queries - 1))).expand(batch, -1, -1)
+    elif shape.get("shared_tree"):
+        tree_mask = testing.random_tree_masks(1, num_queries, gen).expand(batch, -1, -1)
     else:
         tree_mask = testing.random_tree_masks(batch, num_queries, gen)
     inputs = dict(
@@ -89,6 +121,10 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: str, seed: int) -> dict
         key_tree=randn(batch, kv_heads, num_tree, head_dim), value_tree=randn(batch, kv_heads, num_tree, head_dim),
         tree_mask=tree_mask, scale=head_dim**-0.5,
     )
+    if shape.get("window"):
+        # A node's ancestors, itself included, are its path from the root.
+        depths = tree_mask.sum(dim=-1) - 1
+        inputs.update(window=shape["window"], tree_depths=depths[0] if shape.get("shared_tree") else depths)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
@@ -120,6 +156,7 @@ def interpreter_cases() -> dict:
     jobs += [(f"cross_attention_tree-{d}-dispatch", "cross_attention_tree", d, "dispatch") for d in CPU_DTYPES]
     jobs += [(f"{name}-{d}-prefix_only", name, d, "prefix_only") for name in PREFIX_ONLY_CASES for d in CPU_DTYPES]
     jobs += [(f"{name}-{d}-masked", name, d, "masked") for name in MASKED_CASES for d in CPU_DTYPES]
+    jobs += [(f"{name}-{d}-dispatch", name, d, "dispatch") for name in WINDOW_CASES[:1] for d in CPU_DTYPES]
     for seed, (key, name, dtype_name, variant) in enumerate(jobs):
         try:
             shape = CPU_CASES[name]
@@ -157,6 +194,7 @@ CPU_KEYS += [f"ragged_gqa_splits-{d}-two_pass" for d in CPU_DTYPES]
 CPU_KEYS += [f"cross_attention_tree-{d}-dispatch" for d in CPU_DTYPES]
 CPU_KEYS += [f"{name}-{d}-prefix_only" for name in PREFIX_ONLY_CASES for d in CPU_DTYPES]
 CPU_KEYS += [f"{name}-{d}-masked" for name in MASKED_CASES for d in CPU_DTYPES]
+CPU_KEYS += [f"{name}-{d}-dispatch" for name in WINDOW_CASES[:1] for d in CPU_DTYPES]
 
 
 @pytest.mark.parametrize("key", CPU_KEYS)
@@ -188,6 +226,48 @@ def test_dispatch_rejects_unknown_or_impossible_backend():
         kernels.prefix_tree_attention(**inputs, backend="triton")
 
 
+@pytest.mark.parametrize("name", WINDOW_CASES)
+def test_reference_window_is_transformers_rule(name):
+    """The reference's window against transformers' own mask function over explicit positions (float64)."""
+    inputs = make_inputs(CPU_CASES[name], torch.float32, "cpu", seed=110 + WINDOW_CASES.index(name))
+    out, lse = reference.prefix_tree_attention(**inputs)
+    dense_out, dense_lse = dense_float64_attention(**inputs)
+    torch.testing.assert_close(out.double(), dense_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), dense_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_window_hides_exactly_the_far_keys():
+    """A chain of 3 nodes after a prefix of 5, window 3: node t (position 5 + t) sees positions 3 + t ..
+    5 + t, i.e. prefix slots 3 + t .. 4 and its ancestors at most 2 levels up. Checked through the output:
+    values are one-hot per key and all scores equal, so the output is the mean of the visible keys' one-hots."""
+    prefix_len, nodes, window = 5, 3, 3
+    num_keys = prefix_len + nodes
+    values = torch.eye(num_keys)[None, None]  # key k's value is the one-hot e_k
+    query = torch.zeros(1, 1, nodes, num_keys)
+    keys = torch.zeros(1, 1, num_keys, num_keys)
+    tree_mask = testing.ancestor_mask([-1, 0, 1])[None]
+    out, _ = reference.prefix_tree_attention(
+        query, keys[:, :, :prefix_len], values[:, :, :prefix_len], torch.tensor([0]), torch.tensor([prefix_len]),
+        keys[:, :, prefix_len:], values[:, :, prefix_len:], tree_mask, 1.0, window, torch.arange(nodes),
+    )
+    expected = torch.zeros(nodes, num_keys)
+    for node, visible in enumerate([[3, 4, 5], [4, 5, 6], [5, 6, 7]]):
+        expected[node, visible] = 1 / 3
+    torch.testing.assert_close(out[0, 0], expected)
+
+
+def test_window_arguments_are_checked():
+    inputs = make_inputs(CPU_CASES["ragged_gqa_splits"], torch.float32, "cpu", seed=120)
+    depths = inputs["tree_mask"].sum(-1) - 1
+    for window, tree_depths, message in ((8, None, "needs tree_depths"), (0, depths, "positive"),
+                                         (True, depths, "positive"), (8, depths[:, :2], "tree_depths must be")):
+        with pytest.raises(ValueError, match=message):
+            kernels.prefix_tree_attention(**inputs, window=window, tree_depths=tree_depths)
+    cross = make_inputs(CPU_CASES["cross_attention_tree"], torch.float32, "cpu", seed=121)
+    with pytest.raises(ValueError, match="one query per tree node"):
+        kernels.prefix_tree_attention(**cross, window=8, tree_depths=torch.zeros(9, dtype=torch.long))
+
+
 def test_ancestor_mask_of_a_known_tree():
     #   0 -> 1 -> 3
     #   0 -> 2
@@ -200,12 +280,23 @@ def test_ancestor_mask_of_a_known_tree():
 
 
 def dense_float64_attention(query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree,
-                            tree_mask, scale):
-    """Independent float64 ground truth: concatenate prefix and tree keys, one boolean mask, plain softmax."""
+                            tree_mask, scale, window=None, tree_depths=None):
+    """Independent float64 ground truth: concatenate prefix and tree keys, one boolean mask, plain softmax.
+    A window is applied with transformers' own mask function over every key's and query's position."""
     num_slots = key_prefix.shape[2]
     group = query.shape[1] // key_prefix.shape[1]
     visible = torch.cat([reference.prefix_visibility(prefix_start, prefix_end, num_slots)
-                         .expand(-1, query.shape[2], -1), tree_mask], dim=-1)[:, None]
+                         .expand(-1, query.shape[2], -1), tree_mask], dim=-1)
+    if window is not None:
+        # Positions in the row's sequence: slot s at s - prefix_start, tree node t at prefix length + depth.
+        depths = tree_depths.expand(query.shape[0], -1)
+        prefix_len = (prefix_end - prefix_start)[:, None]
+        slots = torch.arange(num_slots, device=query.device)
+        key_positions = torch.cat([slots[None, :] - prefix_start[:, None], prefix_len + depths], dim=1)
+        query_positions = prefix_len + depths
+        in_window = sliding_window_overlay(window)(None, None, query_positions[:, :, None], key_positions[:, None, :])
+        visible = visible & in_window
+    visible = visible[:, None]
     keys = torch.cat([key_prefix, key_tree], dim=2).double().repeat_interleave(group, dim=1)
     values = torch.cat([value_prefix, value_tree], dim=2).double().nan_to_num(0.0).repeat_interleave(group, dim=1)
     scores = (query.double() @ keys.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
@@ -227,11 +318,21 @@ GPU_CASES = {
 }
 
 
+# Sliding windows at real sizes: Mistral-7B-v0.1's 4096 over a long context (random tree; a chain of 64,
+# whose window starts span the default key blocks), and a narrow window shorter than the chain.
+GPU_WINDOW_CASES = {
+    "mistral_7b_window4096_tree64": dict(heads=(32, 8, 128), queries=64, lengths=[16384, 3000], window=4096),
+    "mistral_7b_window4096_chain64": dict(heads=(32, 8, 128), queries=64, lengths=[16384, 4100], window=4096,
+                                          chain=True),
+    "smollm2_window40_chain64": dict(heads=(9, 3, 64), queries=64, lengths=[8192, 20], window=40, chain=True),
+}
+
+
 def gpu_inputs(case: dict, dtype: torch.dtype, seed: int) -> dict:
     num_q_heads, kv_heads, head_dim = case["heads"]
     shape = dict(lengths=case["lengths"], capacity=max(case["lengths"]) + 300, kv_heads=kv_heads,
                  group=num_q_heads // kv_heads, queries=case["queries"], tree=case.get("tree"), head_dim=head_dim,
-                 query_layout="bthd")
+                 query_layout="bthd", window=case.get("window"), chain=case.get("chain"))
     return make_inputs(shape, dtype, "cuda", seed)
 
 
@@ -250,6 +351,20 @@ def test_kernel_matches_float64_on_gpu(name, variant, monkeypatch):
     assert not result["has_nan"] and not result["lse_inf_mismatch"], result
     assert result["out_rel_err"] < 1e-2, result
     assert result["lse_abs_err"] < 2e-2, result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("name", list(GPU_WINDOW_CASES))
+def test_windowed_kernel_matches_float64_on_gpu(name, dtype, tolerance, monkeypatch):
+    from longspec_hf.kernels import tree_attention
+
+    monkeypatch.setattr(tree_attention, "_new_buffer", _poisoned_buffer)
+    inputs = gpu_inputs(GPU_WINDOW_CASES[name], dtype, seed=20 + list(GPU_WINDOW_CASES).index(name))
+    result = compare(*kernels.prefix_tree_attention(**inputs), *dense_float64_attention(**inputs))
+    assert not result["has_nan"] and not result["lse_inf_mismatch"], result
+    assert result["out_rel_err"] < tolerance, result
+    assert result["lse_abs_err"] < 2 * tolerance, result
 
 
 @pytest.mark.gpu

@@ -47,17 +47,32 @@ class LongSpecAttentionInputs:
 
 
 def _prefill_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pad_start: torch.Tensor, scale: float, left_padded: bool
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pad_start: torch.Tensor,
+    scale: float,
+    left_padded: bool,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention over the prompt slots; slots before `pad_start[b]` are padding."""
+    """Causal attention over the prompt slots; slots before `pad_start[b]` are padding. With a sliding
+    `window`, a query also sees only keys less than `window` slots before it (transformers' rule; slot
+    distances are position distances, the padding being on the left)."""
     length = query.shape[2]
-    if not left_padded:
+    if window is not None and window >= length:
+        window = None  # no key of the prompt is that far back: plain causal attention
+    if not left_padded and window is None:
         return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
     slots = torch.arange(length, device=query.device)
-    causal = slots[None, :] <= slots[:, None]
-    visible = causal[None] & (slots[None, None, :] >= pad_start[:, None, None])
-    # Padding queries see themselves only (their outputs are never used), so no row is empty.
-    visible = visible | torch.eye(length, dtype=torch.bool, device=query.device)[None]
+    distance = slots[:, None] - slots[None, :]  # query slot - key slot
+    visible = distance >= 0
+    if window is not None:
+        visible = visible & (distance < window)
+    visible = visible[None]  # one mask for all rows, unless they differ by their padding
+    if left_padded:
+        visible = visible & (slots[None, None, :] >= pad_start[:, None, None])
+        # Padding queries see themselves only (their outputs are never used), so no row is empty.
+        visible = visible | torch.eye(length, dtype=torch.bool, device=query.device)[None]
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=visible[:, None], scale=scale, enable_gqa=True
     )
@@ -74,20 +89,33 @@ def longspec_attention_forward(
     *,
     fallback: str,
     longspec: LongSpecAttentionInputs | None = None,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """An `AttentionInterface` function. Returns `(B, T, Hq, D)` like transformers' implementations."""
+    """An `AttentionInterface` function. Returns `(B, T, Hq, D)` like transformers' implementations.
+
+    `sliding_window` is what the model passes for this layer (Mistral: every layer; Qwen2/Qwen3: the
+    layers of kind "sliding_attention"; None: full attention); LongSpec applies it exactly as the
+    model's own attention would."""
     if longspec is None:
         return ALL_ATTENTION_FUNCTIONS[fallback](
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+            sliding_window=sliding_window, **kwargs
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     cache = longspec.cache
     layer = module.layer_idx
     if longspec.tree_mask is None:
-        out = _prefill_attention(query, key, value, cache.pad_start, scale, longspec.left_padded)
+        out = _prefill_attention(query, key, value, cache.pad_start, scale, longspec.left_padded, sliding_window)
     else:
         num_nodes = query.shape[2]
+        window = tree_depths = None
+        # Positions stay below capacity + tree size: a window at least that wide hides nothing, and the
+        # kernel's plain path serves it (e.g. a 4096-token window over shorter contexts).
+        if sliding_window is not None and sliding_window < cache.capacity + cache.max_tree_nodes:
+            window = sliding_window
+            # A node's ancestors (itself included) are its path from the root: its depth is their count - 1.
+            tree_depths = longspec.tree_mask.sum(dim=-1, dtype=torch.int32) - 1
         out, _ = kernels.prefix_tree_attention(
             query,
             cache.kv[layer, 0],
@@ -98,6 +126,8 @@ def longspec_attention_forward(
             cache.kv_tree[layer, 1, :, :, :num_nodes],
             longspec.tree_mask,
             scale,
+            window,
+            tree_depths,
         )
     return out.transpose(1, 2).contiguous(), None
 

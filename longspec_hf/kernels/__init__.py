@@ -12,10 +12,12 @@ This subpackage imports neither `generation` nor `modeling`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import reference
-from .reference import attention_with_lse, merge_attention, prefix_visibility
+from .reference import attention_with_lse, merge_attention, prefix_visibility, window_visibility
 
 try:
     from . import compaction as _compaction_triton
@@ -34,6 +36,7 @@ __all__ = [
     "prefix_tree_attention",
     "prefix_visibility",
     "topk_log_softmax",
+    "window_visibility",
 ]
 
 
@@ -53,6 +56,28 @@ def _use_triton(backend: str | None, triton_module, unsupported_reason, device: 
     return True
 
 
+def _dispatch(
+    backend: str | None,
+    device: torch.device,
+    triton_module,
+    unsupported_reason: Callable[[], str | None],
+    kernel: str,
+    reference_fn: Callable,
+    args: tuple,
+    *,
+    custom_op: str | None = None,
+):
+    """The recipe every entry point shares: `triton_module.<kernel>(*args)` when `_use_triton` picks it,
+    else `reference_fn(*args)`. Inside compiled code the Triton path goes through the module's custom
+    operator `custom_op` instead (when the kernel has one), which torch.compile treats as opaque: it
+    cannot trace a launch that picks its tiles in Python."""
+    if not _use_triton(backend, triton_module, unsupported_reason, device):
+        return reference_fn(*args)
+    if custom_op is not None and torch.compiler.is_compiling():
+        return getattr(triton_module, custom_op)(*args)
+    return getattr(triton_module, kernel)(*args)
+
+
 def prefix_tree_attention(
     query: torch.Tensor,
     key_prefix: torch.Tensor,
@@ -63,18 +88,22 @@ def prefix_tree_attention(
     value_tree: torch.Tensor,
     tree_mask: torch.Tensor,
     scale: float,
+    window: int | None = None,
+    tree_depths: torch.Tensor | None = None,
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hybrid tree attention (see `reference.prefix_tree_attention` for the arguments and results)."""
-    args = (query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale)
+    """Hybrid tree attention, within a sliding `window` when one is given (see
+    `reference.prefix_tree_attention` for the arguments and results)."""
     module = _tree_attention_triton
-    reason = lambda: module.unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tree_mask, scale)
-    if _use_triton(backend, module, reason, query.device):
-        if torch.compiler.is_compiling():
-            return module.prefix_tree_attention_op(*args)
-        return module.prefix_tree_attention(*args)
-    return reference.prefix_tree_attention(*args)
+    return _dispatch(
+        backend, query.device, module,
+        lambda: module.unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tree_mask, scale),
+        "prefix_tree_attention", reference.prefix_tree_attention,
+        (query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale, window,
+         tree_depths),
+        custom_op="prefix_tree_attention_op",
+    )
 
 
 def prefix_attention(
@@ -91,12 +120,11 @@ def prefix_attention(
     `reference.prefix_attention`). The Triton path reads the lengths on the device, so a CUDA graph
     can replay it while the lengths change."""
     module = _tree_attention_triton
-    reason = lambda: module.unsupported_reason(query, key, value, None, None, None, scale)
-    if _use_triton(backend, module, reason, query.device):
-        if torch.compiler.is_compiling():
-            return module.prefix_attention_op(query, key, value, start, end, scale)
-        return module.prefix_attention_with_lse(query, key, value, start, end, scale)
-    return reference.prefix_attention(query, key, value, start, end, scale)
+    return _dispatch(
+        backend, query.device, module, lambda: module.unsupported_reason(query, key, value, None, None, None, scale),
+        "prefix_attention_with_lse", reference.prefix_attention, (query, key, value, start, end, scale),
+        custom_op="prefix_attention_op",
+    )
 
 
 def masked_attention(
@@ -112,12 +140,11 @@ def masked_attention(
     (see `reference.attention_with_lse`): one launch for short key sets with an arbitrary mask, such as
     the draft's ring window and tree nodes. Masked slots must hold finite values on the Triton path."""
     module = _tree_attention_triton
-    reason = lambda: module.unsupported_reason(query, key, value, key, value, visible, scale)
-    if _use_triton(backend, module, reason, query.device):
-        if torch.compiler.is_compiling():
-            return module.masked_attention_op(query, key, value, visible, scale)
-        return module.tree_attention_with_lse(query, key, value, visible, scale)
-    return reference.attention_with_lse(query, key, value, visible, scale)
+    return _dispatch(
+        backend, query.device, module, lambda: module.unsupported_reason(query, key, value, key, value, visible, scale),
+        "tree_attention_with_lse", reference.attention_with_lse, (query, key, value, visible, scale),
+        custom_op="masked_attention_op",
+    )
 
 
 def compact_kv(
@@ -130,21 +157,20 @@ def compact_kv(
 ) -> None:
     """Fused in-place KV compaction of all layers (see `reference.compact_kv`)."""
     module = _compaction_triton
-    reason = lambda: module.unsupported_reason(kv, kv_scratch, source_index, dest_start)
-    if _use_triton(backend, module, reason, kv.device):
-        module.compact_kv(kv, kv_scratch, source_index, dest_start)
-    else:
-        reference.compact_kv(kv, kv_scratch, source_index, dest_start)
+    _dispatch(
+        backend, kv.device, module, lambda: module.unsupported_reason(kv, kv_scratch, source_index, dest_start),
+        "compact_kv", reference.compact_kv, (kv, kv_scratch, source_index, dest_start),
+    )
 
 
 def topk_log_softmax(logits: torch.Tensor, k: int, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`k` log-probabilities `(R, k)` (float32) and their indices of each row of `logits` `(R, V)`
     (see `reference.topk_log_softmax`); the Triton path orders equal values by lower index."""
     module = _topk_triton
-    reason = lambda: module.unsupported_reason(logits, k)
-    if _use_triton(backend, module, reason, logits.device):
-        return module.topk_log_softmax(logits, k)
-    return reference.topk_log_softmax(logits, k)
+    return _dispatch(
+        backend, logits.device, module, lambda: module.unsupported_reason(logits, k),
+        "topk_log_softmax", reference.topk_log_softmax, (logits, k),
+    )
 
 
 def beam_select(
@@ -158,7 +184,7 @@ def beam_select(
     """The `width` best (parent, child) pairs per batch row (see `reference.beam_select`); the Triton path
     orders equal scores by lower pair index (parent-major)."""
     module = _topk_triton
-    reason = lambda: module.beam_select_unsupported_reason(child_scores, width)
-    if _use_triton(backend, module, reason, child_scores.device):
-        return module.beam_select(child_scores, child_tokens, parent_scores, width)
-    return reference.beam_select(child_scores, child_tokens, parent_scores, width)
+    return _dispatch(
+        backend, child_scores.device, module, lambda: module.beam_select_unsupported_reason(child_scores, width),
+        "beam_select", reference.beam_select, (child_scores, child_tokens, parent_scores, width),
+    )

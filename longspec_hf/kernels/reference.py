@@ -101,6 +101,44 @@ def prefix_attention(
     return attention_with_lse(query, key[:, :, :num_slots], value[:, :, :num_slots], visible, scale)
 
 
+def check_window_arguments(query: torch.Tensor, key_tree: torch.Tensor, window: int | None, tree_depths) -> None:
+    """Raise a ValueError unless `window` and `tree_depths` are a valid pair for `prefix_tree_attention`."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive integer or None, got {window!r}")
+    if tree_depths is None:
+        raise ValueError("a window needs tree_depths: the positions of the tree queries and keys")
+    num_tree = key_tree.shape[2]
+    if query.shape[2] != num_tree:
+        raise ValueError(f"a window needs one query per tree node ({query.shape[2]} queries, {num_tree} tree keys)")
+    if tree_depths.shape[-1] != num_tree or tree_depths.dim() not in (1, 2):
+        raise ValueError(f"tree_depths must be (T,) or (B, T) with T = {num_tree}, got {tuple(tree_depths.shape)}")
+
+
+def window_visibility(
+    prefix_end: torch.Tensor, tree_depths: torch.Tensor, window: int, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which keys a sliding window of `window` positions leaves visible to the tree queries.
+
+    Tree node `t` of row `b` sits right after the row's committed slots, at slot `prefix_end[b] +
+    tree_depths[b, t]` of the sequence it would be committed into; slot `s` of the cache is slot `s`. Slot
+    and position differ by the row's left padding only, so distances are the same in both. The rule is
+    transformers' (`masking_utils.sliding_window_overlay`): a query at position `q` sees a key at
+    position `k` iff `k > q - window`, i.e. `window` positions including its own.
+
+    Returns:
+        `(prefix, tree)` boolean, `(B, T, num_slots)` for the cache slots and `(B, T, T)` for the tree nodes
+        (query node `i`, key node `j`); to be combined with the padding bounds and the ancestor mask.
+    """
+    depths = tree_depths.to(prefix_end.device, torch.long).expand(prefix_end.shape[0], -1)
+    query_slot = prefix_end[:, None] + depths  # (B, T)
+    slots = torch.arange(num_slots, device=prefix_end.device)
+    prefix = slots[None, None, :] > query_slot[:, :, None] - window
+    tree = depths[:, None, :] > depths[:, :, None] - window
+    return prefix, tree
+
+
 def prefix_tree_attention(
     query: torch.Tensor,
     key_prefix: torch.Tensor,
@@ -111,6 +149,8 @@ def prefix_tree_attention(
     value_tree: torch.Tensor,
     tree_mask: torch.Tensor,
     scale: float,
+    window: int | None = None,
+    tree_depths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hybrid tree attention: the committed prefix without a mask, the tree with its ancestor mask.
 
@@ -123,12 +163,22 @@ def prefix_tree_attention(
         tree_mask: `(B, Tq, Tt)` boolean; True where query node `i` may see tree node `j` (its ancestors
             and itself).
         scale: multiplier of `q @ k^T`.
+        window: None for full attention; else a sliding window (a layer's `sliding_window`): each query
+            also sees only keys less than `window` positions before it (see `window_visibility`). Needs
+            `Tq == Tt` (query `t` is tree node `t`) and `tree_depths`.
+        tree_depths: `(Tt,)` or `(B, Tt)` integer depth of each tree node below the row's committed
+            prefix (0: the node right after it); only read with a window.
 
     Returns:
         `out` `(B, Hq, Tq, D)` and `lse` `(B, Hq, Tq)` (float32) of attention over both parts together.
     """
+    check_window_arguments(query, key_tree, window, tree_depths)
     num_slots = _slots_to_read(key_prefix, prefix_end)
     prefix_visible = prefix_visibility(prefix_start, prefix_end, num_slots)
+    if window is not None:
+        prefix_in_window, tree_in_window = window_visibility(prefix_end, tree_depths, window, num_slots)
+        prefix_visible = prefix_visible & prefix_in_window
+        tree_mask = tree_mask & tree_in_window
     out_p, lse_p = attention_with_lse(
         query, key_prefix[:, :, :num_slots], value_prefix[:, :, :num_slots], prefix_visible, scale
     )

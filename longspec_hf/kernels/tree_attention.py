@@ -16,6 +16,11 @@ How (flash-decoding with grouped-query heads folded into the tile rows):
 * Prefix blocks need no mask except the last partial one of a chunk; the ancestor mask is loaded and
   applied only on tree blocks, which live in their own tensor. Slots outside `[prefix_start,
   prefix_end)` are never loaded, so garbage in unwritten cache slots cannot reach the result.
+* A sliding window (`window`, a compile-time switch: without it the kernel is the plain one) is a
+  per-row lower bound on the prefix positions. Each program drops the prefix keys before its tile's
+  earliest window start from its key sequence (so they are neither read nor given to a split), masks
+  only the blocks where its rows' window starts differ, and applies the window to the tree blocks by
+  node depth.
 
 The same kernel with the tree (or the prefix) switched off gives the two passes of the paper's method,
 merged afterwards with `merge_attention`; `two_pass_prefix_tree_attention` is that variant.
@@ -25,12 +30,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import merge_attention
+from .reference import check_window_arguments, merge_attention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -60,28 +66,32 @@ def _online_softmax_step(acc, row_max, row_sum, scores, value, qk_scale_log2,
 
 # Sizes that change from call to call (a longer cache gets more splits) are not specialised on, so a
 # new prompt length does not compile the kernel again.
-@triton.jit(do_not_specialize=["num_queries", "num_tree", "num_splits"])
+@triton.jit(do_not_specialize=["num_queries", "num_tree", "num_splits", "window"])
 def _prefix_tree_attention_kernel(
-    Q, K_prefix, V_prefix, Prefix_start, Prefix_end, K_tree, V_tree, Tree_mask,
+    Q, K_prefix, V_prefix, Prefix_start, Prefix_end, K_tree, V_tree, Tree_mask, Tree_depth,
     Out, Lse, Out_partial, Lse_partial,
-    qk_scale_log2,
+    qk_scale_log2, window,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kpb, stride_kph, stride_kps, stride_kpd,
     stride_vpb, stride_vph, stride_vps, stride_vpd,
     stride_ktb, stride_kth, stride_kts, stride_ktd,
     stride_vtb, stride_vth, stride_vts, stride_vtd,
     stride_mb, stride_mq, stride_mt,
+    stride_db, stride_dt,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_lb, stride_lh, stride_lt,
     num_kv_heads, num_queries, num_tree, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, D_PADDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_PREFIX: tl.constexpr, USE_TREE: tl.constexpr, WRITE_FINAL: tl.constexpr,
+    USE_PREFIX: tl.constexpr, USE_TREE: tl.constexpr, WINDOW: tl.constexpr, WRITE_FINAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (m block, split, batch row * KV head): attention of `BLOCK_M` folded query rows over one
     chunk of the row's keys (prefix, then tree). Writes the final output when there is one split,
-    otherwise the chunk's normalised output and base-2 LSE into the partial buffers."""
+    otherwise the chunk's normalised output and base-2 LSE into the partial buffers.
+
+    With `WINDOW`, query `t` is tree node `t` at depth `Tree_depth[b, t]` below the prefix end, and sees
+    only keys less than `window` positions before it."""
     block_m = tl.program_id(0)
     split = tl.program_id(1)
     batch_head = tl.program_id(2)
@@ -103,6 +113,11 @@ def _prefix_tree_attention_kernel(
               + query_index[:, None] * stride_qt + dims[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
 
+    if WINDOW:
+        # Every head of the group shares its query's depth (rows g * Tq + t).
+        row_depth = tl.load(Tree_depth + batch64 * stride_db + query_index * stride_dt, mask=row_valid,
+                            other=0).to(tl.int32)
+
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -111,6 +126,18 @@ def _prefix_tree_attention_kernel(
     if USE_PREFIX:
         prefix_start = tl.load(Prefix_start + batch).to(tl.int32)
         prefix_len = tl.maximum(tl.load(Prefix_end + batch).to(tl.int32) - prefix_start, 0)
+        if WINDOW:
+            # Query row m (prefix position prefix_len + depth) sees prefix positions >= its window start
+            # prefix_len + depth - window + 1. Positions before the tile's earliest window start are seen
+            # by no row: they leave the tile's key sequence, which then starts there.
+            min_depth = tl.min(tl.where(row_valid, row_depth, 2147483647), 0)
+            max_depth = tl.max(tl.where(row_valid, row_depth, 0), 0)
+            skipped = tl.minimum(tl.maximum(prefix_len + min_depth - window + 1, 0), prefix_len)
+            prefix_start += skipped
+            prefix_len -= skipped
+            row_window_lo = prefix_len + row_depth - window + 1
+            # From here on every row of the tile sees every prefix key.
+            all_rows_lo = prefix_len + max_depth - window + 1
     else:
         prefix_start = 0
         prefix_len = 0
@@ -127,12 +154,29 @@ def _prefix_tree_attention_kernel(
         k_base = K_prefix + batch64 * stride_kpb + kv_head64 * stride_kph
         v_base = V_prefix + batch64 * stride_vpb + kv_head64 * stride_vph
         prefix_hi = tl.minimum(chunk_hi, prefix_len)
-        full_hi = chunk_lo + tl.maximum(prefix_hi - chunk_lo, 0) // BLOCK_N * BLOCK_N
+        free_lo = chunk_lo
+        if WINDOW:
+            # The chunk's blocks before `all_rows_lo` (at most a few: the tile's depths differ by less
+            # than a tree's height) mask each row's keys before its window start.
+            free_lo = chunk_lo + tl.cdiv(tl.maximum(all_rows_lo - chunk_lo, 0), BLOCK_N) * BLOCK_N
+            for block_lo in range(chunk_lo, tl.minimum(free_lo, prefix_hi), BLOCK_N):
+                positions = block_lo + key_offsets
+                key_valid = positions < prefix_hi
+                slots = prefix_start + positions
+                k = tl.load(k_base + slots[:, None] * stride_kps + dims[None, :] * stride_kpd,
+                            mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
+                v = tl.load(v_base + slots[:, None] * stride_vps + dims[None, :] * stride_vpd,
+                            mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
+                visible = key_valid[None, :] & (positions[None, :] >= row_window_lo[:, None])
+                scores = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), float("-inf"))
+                acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale_log2,
+                                                             True, DOT_PRECISION)
+        full_hi = free_lo + tl.maximum(prefix_hi - free_lo, 0) // BLOCK_N * BLOCK_N
         # Whole blocks inside the prefix: no mask at all (but on padded head dims).
-        first_slots = prefix_start + chunk_lo + key_offsets
+        first_slots = prefix_start + free_lo + key_offsets
         k_ptrs = k_base + first_slots[:, None] * stride_kps + dims[None, :] * stride_kpd
         v_ptrs = v_base + first_slots[:, None] * stride_vps + dims[None, :] * stride_vpd
-        for _ in range(chunk_lo, full_hi, BLOCK_N):
+        for _ in range(free_lo, full_hi, BLOCK_N):
             if D_PADDED:
                 k = tl.load(k_ptrs, mask=dim_valid[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=dim_valid[None, :], other=0.0)
@@ -172,8 +216,12 @@ def _prefix_tree_attention_kernel(
                         mask=node_valid[:, None] & dim_valid[None, :], other=0.0)
             # The ancestor mask row of query t serves all G heads of the group (rows g * Tq + t).
             visible = tl.load(mask_base + query_index[:, None] * stride_mq + nodes[None, :] * stride_mt,
-                              mask=row_valid[:, None] & node_valid[None, :], other=0)
-            scores = tl.where(visible != 0, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), float("-inf"))
+                              mask=row_valid[:, None] & node_valid[None, :], other=0) != 0
+            if WINDOW:
+                node_depth = tl.load(Tree_depth + batch64 * stride_db + nodes * stride_dt, mask=node_valid,
+                                     other=0).to(tl.int32)
+                visible = visible & (node_depth[None, :] > row_depth[:, None] - window)
+            scores = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), float("-inf"))
             acc, row_max, row_sum = _online_softmax_step(acc, row_max, row_sum, scores, v, qk_scale_log2,
                                                          True, DOT_PRECISION)
 
@@ -320,10 +368,11 @@ def default_num_splits(num_programs_per_split: int, num_keys: int, block_n: int,
 
 def _launch(
     query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale,
-    *, config=None, num_splits=None,
+    window=None, tree_depths=None, *, config=None, num_splits=None,
 ):
     """Attention of `query` over the prefix (when `key_prefix` is given) and the masked tree (when
-    `key_tree` is given) in one split-KV launch (+ the merge launch when `num_splits > 1`)."""
+    `key_tree` is given) in one split-KV launch (+ the merge launch when `num_splits > 1`), within a
+    sliding `window` when one is given (queries are then the tree nodes at `tree_depths`)."""
     batch, num_q_heads, num_queries, head_dim = query.shape
     reference_kv = key_prefix if key_prefix is not None else key_tree
     num_kv_heads = reference_kv.shape[1]
@@ -342,8 +391,12 @@ def _launch(
     num_tree = key_tree.shape[2] if use_tree else 0
     if num_splits is None:
         # key_prefix may be a whole preallocated cache: its length bounds the chunk count from above,
-        # the kernel divides each row's actual length.
-        max_keys = (key_prefix.shape[2] if use_prefix else 0) + num_tree
+        # the kernel divides each row's actual length. A window bounds it too: a tile reads the prefix
+        # keys from its earliest window start on, fewer than `window` plus its spread of depths.
+        max_prefix_keys = key_prefix.shape[2] if use_prefix else 0
+        if window is not None:
+            max_prefix_keys = min(max_prefix_keys, window - 1 + num_tree)
+        max_keys = max_prefix_keys + num_tree
         num_splits = default_num_splits(batch * num_kv_heads * num_blocks_m, max_keys, block_n, device,
                                         cfg.get("programs_per_sm", 1))
 
@@ -358,6 +411,12 @@ def _launch(
     else:
         key_tree = value_tree = tree_mask_bytes = query
         tree_mask_strides = (0, 0, 0)
+    if window is not None:
+        tree_depths = tree_depths.to(device=device, dtype=torch.int32)
+        # (T,): one tree shape for every row, read with batch stride 0.
+        depth_strides = tree_depths.stride() if tree_depths.dim() == 2 else (0, tree_depths.stride(0))
+    else:
+        tree_depths, depth_strides = query, (0, 0)  # unused placeholder
 
     if num_splits > 1:
         out_partial = _new_buffer((batch, num_kv_heads, num_splits, num_rows, head_dim), torch.float32, device)
@@ -367,15 +426,16 @@ def _launch(
 
     block_d = max(16, triton.next_power_of_2(head_dim))
     _prefix_tree_attention_kernel[(num_blocks_m, num_splits, batch * num_kv_heads)](
-        query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask_bytes,
+        query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask_bytes, tree_depths,
         out, lse, out_partial, lse_partial,
-        scale * LOG2_E,
+        scale * LOG2_E, window if window is not None else 0,
         *query.stride(), *key_prefix.stride(), *value_prefix.stride(),
-        *key_tree.stride(), *value_tree.stride(), *tree_mask_strides,
+        *key_tree.stride(), *value_tree.stride(), *tree_mask_strides, *depth_strides,
         *out.stride(), *lse.stride(),
         num_kv_heads, num_queries, num_tree, num_splits,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, D_PADDED=block_d != head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, USE_PREFIX=use_prefix, USE_TREE=use_tree, WRITE_FINAL=num_splits == 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, USE_PREFIX=use_prefix, USE_TREE=use_tree, WINDOW=window is not None,
+        WRITE_FINAL=num_splits == 1,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -418,15 +478,16 @@ def unsupported_reason(query, key_prefix, value_prefix, key_tree, value_tree, tr
 
 def prefix_tree_attention(
     query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale,
-    *, config: dict | None = None, num_splits: int | None = None,
+    window=None, tree_depths=None, *, config: dict | None = None, num_splits: int | None = None,
 ):
     """Fused hybrid tree attention; same arguments and results as `reference.prefix_tree_attention`.
 
     `config` overrides tile parameters (BLOCK_M, BLOCK_N, num_warps, num_stages) and `num_splits` the
     number of chunks per row (benchmarks and tests; the defaults suit an H100).
     """
+    check_window_arguments(query, key_tree, window, tree_depths)
     return _launch(query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask,
-                   scale, config=config, num_splits=num_splits)
+                   scale, window, tree_depths, config=config, num_splits=num_splits)
 
 
 def prefix_attention_with_lse(query, key_prefix, value_prefix, prefix_start, prefix_end, scale, **launch):
@@ -489,12 +550,16 @@ def prefix_tree_attention_op(
     value_tree: torch.Tensor,
     tree_mask: torch.Tensor,
     scale: float,
+    window: Optional[int] = None,
+    tree_depths: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return prefix_tree_attention(
-        query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale
+        query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale,
+        window, tree_depths,
     )
 
 
 @prefix_tree_attention_op.register_fake
-def _(query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale):
+def _(query, key_prefix, value_prefix, prefix_start, prefix_end, key_tree, value_tree, tree_mask, scale,
+      window=None, tree_depths=None):
     return _fake_attention_outputs(query)
