@@ -76,7 +76,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, smollm2_by_default: bo
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--file", default=None, help="prompt file (default: transformers' generation/utils.py)")
     parser.add_argument("--context", type=int, default=None, help="prompt tokens (default: 4096 on CUDA, 1024 on CPU)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 128 on CUDA, 64 on CPU")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--compile", action="store_true",
@@ -123,7 +123,6 @@ def _run_demo(args: argparse.Namespace) -> int:
         text = open(source.__file__, encoding="utf-8").read()
     on_cuda = device.startswith("cuda")
     context = args.context or (4096 if on_cuda else 1024)
-    new_tokens = args.max_new_tokens or (128 if on_cuda else 64)
     ids = tokenizer(text, return_tensors="pt").input_ids[:, -context:].to(device)
     # The hybrid tree: the draft's tree plus prompt-lookup chains (long prompts repeat themselves). On a
     # CPU, verification cost grows with every tree node: a short chain and one short lookup chain, with
@@ -140,14 +139,14 @@ def _run_demo(args: argparse.Namespace) -> int:
         )
         described = "chain [1, 1, 1] + 1 lookup chain of 5 tokens, adaptive"
     print(f"SmolLM2-135M-Instruct on {device} ({str(dtype).removeprefix('torch.')}), prompt {ids.shape[1]} tokens, "
-          f"{new_tokens} new tokens, {described}", flush=True)
+          f"{args.max_new_tokens} new tokens, {described}", flush=True)
 
     def timed(desc: str, **kwargs):
         if on_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = target.generate(ids, max_new_tokens=new_tokens, do_sample=False,
-                              streamer=_TokenProgress(new_tokens, desc), **kwargs)
+        out = target.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                              streamer=_TokenProgress(args.max_new_tokens, desc), **kwargs)
         if on_cuda:
             torch.cuda.synchronize()
         return out, time.perf_counter() - start
@@ -157,7 +156,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     print("Warming up both ways (8 tokens each) ...", flush=True)
     stop_early = StoppingCriteriaList([StopAfter(ids.shape[1] + 8)])
     for kwargs in ({}, longspec):
-        target.generate(ids, max_new_tokens=new_tokens, do_sample=False, stopping_criteria=stop_early, **kwargs)
+        target.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, stopping_criteria=stop_early, **kwargs)
     plain, plain_seconds = timed("transformers generate")
     stats = LongSpecStats()
     fast, fast_seconds = timed("with the LongSpec draft", longspec_stats=stats, **longspec)
