@@ -41,7 +41,7 @@ def test_random_cases_match_plain_generate(arch):
     target = make_target(arch, seed=rng.randrange(1000))
     drafts = [make_draft(target, seed=s, sliding_window=w) for s, w in ((1, 8), (2, 32))]
     cases = CASES_PER_TARGET if arch in ("llama", "qwen2") else CASES_PER_TARGET // 3
-    mismatches = []
+    mismatches, accepted = [], []
     for case in range(cases):
         batch_size = rng.choice([1, 1, 2, 3])
         prompt_len = rng.randrange(1, 40)
@@ -64,5 +64,8 @@ def test_random_cases_match_plain_generate(arch):
         )
         if not torch.equal(reference, output):
             mismatches.append((case, batch_size, prompt_len, max_new_tokens, widths, kwargs.get("eos_token_id"), graphs))
-        assert stats.rounds >= 0
+        accepted.extend(stats.accepted_lengths)
     assert not mismatches, f"{len(mismatches)} of {cases} cases differ: {mismatches[:5]}"
+    # Random pairs agree now and then: drafted tokens were accepted, so the checks above covered
+    # rounds that commit several tokens, not only one-token rounds.
+    assert sum(length > 1 for length in accepted) >= 10, f"{len(accepted)} rounds, none accepted a drafted token"

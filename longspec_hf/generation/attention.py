@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import kernels
+from ._compat import attention_implementation
 from .cache import LongSpecCache
 
 ATTENTION_PREFIX = "longspec_"
@@ -133,21 +137,56 @@ def longspec_attention_forward(
 
 
 def _registered_name(fallback: str) -> str:
+    """The name under which the LongSpec attention over `fallback` is registered (attention and mask)."""
     name = ATTENTION_PREFIX + fallback
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, functools.partial(longspec_attention_forward, fallback=fallback))
+    with _INSTALLING:
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            AttentionInterface.register(name, functools.partial(longspec_attention_forward, fallback=fallback))
+            # Forwards that are not LongSpec's (another thread's plain generate while a LongSpec call runs)
+            # get the fallback's own masks; LongSpec's forwards pass a 4D placeholder mask, which
+            # transformers hands through as it is, so no mask is built for them.
+            if fallback in ALL_MASK_ATTENTION_FUNCTIONS:
+                AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[fallback])
     return name
+
+
+@dataclass
+class _Installation:
+    """The LongSpec attention installed on one model: the user's implementation and how many calls use it."""
+
+    original: str
+    calls: int = 0
+
+
+# Models whose attention is LongSpec's while at least one LongSpec call on them runs. Guarded by
+# _INSTALLING, so that a call never restores the user's implementation under another call still decoding.
+_INSTALLING = threading.RLock()
+_installed: weakref.WeakKeyDictionary[PreTrainedModel, _Installation] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
 def longspec_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run `model` with the LongSpec attention inside the block; restore the user's choice afterwards."""
-    original = model.config._attn_implementation or "sdpa"
-    if original.startswith(ATTENTION_PREFIX):  # nested call: already active
-        yield
-        return
-    model.set_attn_implementation(_registered_name(original))
+    """Run `model` with the LongSpec attention inside the block.
+
+    The first of concurrent calls on `model` installs it, the last one restores the user's choice (on
+    errors too). Forwards without LongSpec inputs are delegated to the user's implementation, so a plain
+    `generate` on another thread meanwhile computes exactly what it would otherwise.
+    """
+    with _INSTALLING:
+        installation = _installed.get(model)
+        if installation is None:
+            original = attention_implementation(model)
+            if original.startswith(ATTENTION_PREFIX):  # installed by hand: leave it to its owner
+                yield
+                return
+            model.set_attn_implementation(_registered_name(original))
+            installation = _installed[model] = _Installation(original)
+        installation.calls += 1
     try:
         yield
     finally:
-        model.set_attn_implementation(original)
+        with _INSTALLING:
+            installation.calls -= 1
+            if installation.calls == 0:
+                del _installed[model]
+                model.set_attn_implementation(installation.original)

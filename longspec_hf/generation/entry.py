@@ -166,8 +166,6 @@ def check_draft_matches_target(target: PreTrainedModel, draft: LongSpecDraftMode
             f"The draft's {config.num_attention_heads} query heads cannot be grouped over the target's "
             f"{num_kv_heads} key/value heads."
         )
-    if getattr(text_config, "use_sliding_window", False) and getattr(text_config, "sliding_window", None):
-        raise ValueError("LongSpec does not support targets with sliding-window attention layers enabled.")
     target_device = target.get_input_embeddings().weight.device
     if torch.is_autocast_enabled(target_device.type):
         raise ValueError(
