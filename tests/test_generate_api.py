@@ -219,3 +219,18 @@ def test_another_custom_generate_with_a_longspec_draft_is_refused(pair):
     target, draft = pair
     with pytest.raises(ValueError, match="custom_generate cannot be combined"):
         target.generate(prompt(), custom_generate=lambda *a, **k: None, assistant_model=draft, max_new_tokens=4)
+
+
+def test_a_target_with_eager_attention(pair):
+    """attn_implementation="eager": LongSpec's forwards use its own attention, and any other forward
+    while a call runs falls back to the model family's eager attention."""
+    target = make_target("llama", seed=3, attn_implementation="eager")
+    draft = make_draft(target, seed=4)
+    ids = prompt(length=14, seed=9)
+    reference = target.generate(ids, max_new_tokens=20, do_sample=False)
+    assert torch.equal(target.generate(ids, assistant_model=draft, max_new_tokens=20, do_sample=False), reference)
+    assert target.config._attn_implementation == "eager"
+    from longspec_hf.generation.attention import longspec_attention
+
+    with longspec_attention(target):
+        assert torch.equal(target(ids).logits, make_target("llama", seed=3, attn_implementation="eager")(ids).logits)

@@ -28,7 +28,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import kernels
-from ._compat import attention_implementation
+from ._compat import attention_implementation, eager_attention
 from .cache import LongSpecCache
 
 ATTENTION_PREFIX = "longspec_"
@@ -102,7 +102,9 @@ def longspec_attention_forward(
     layers of kind "sliding_attention"; None: full attention); LongSpec applies it exactly as the
     model's own attention would."""
     if longspec is None:
-        return ALL_ATTENTION_FUNCTIONS[fallback](
+        # transformers registers no "eager" function: each model family brings its own.
+        attention = eager_attention(module) if fallback == "eager" else ALL_ATTENTION_FUNCTIONS[fallback]
+        return attention(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
             sliding_window=sliding_window, **kwargs
         )
