@@ -59,8 +59,8 @@ class LongSpecOptions:
         sampling_rule: with `do_sample=True`, how trees are drawn and verified (`sampling.py`).
         prompt_lookup_branches: chains found by n-gram lookup in the prompt and the output, hung under
             the root of every tree (0: off).
-        prompt_lookup_length: tokens per chain (default: 16, or two past the tree's depth); bounded by
-            the tokens the call generates.
+        prompt_lookup_length: tokens per chain (default: 16, or two past the tree's depth); a longer
+            one is cut to the tokens the call generates.
         prompt_lookup_under_draft: one more chain under the draft's most likely deepest node.
         adaptive: plan every round (tree depth, chains or not) from measured speed and acceptance.
         cuda_graphs: replay the fixed-shape steps from CUDA graphs on a CUDA target (elsewhere the same
@@ -119,7 +119,7 @@ class LongSpecOptions:
         those of `NONE_IS_DEFAULT`: not given).
 
         `tree_widths` not given comes from `generation_config.tree_widths`, then the draft's generation
-        config. Chains are cut to `max_new_tokens` (a chain never gains more than the call generates).
+        config. Chains longer than both `max_new_tokens` and the default are cut to the larger of the two.
         """
         unknown = set(keywords) - set(KEYWORDS)
         if unknown:
@@ -148,8 +148,11 @@ class LongSpecOptions:
                     f"{name}=True compiles the fixed-shape steps that cuda_graphs=True runs; with cuda_graphs=False "
                     "the loop runs eagerly. Drop one of the two."
                 )
-        if max_new_tokens is not None and 0 < max_new_tokens < options.chain_length:
-            options = dataclasses.replace(options, prompt_lookup_length=max_new_tokens)
+        # A chain never gains more than the call generates: a longer given length is cut, but not below
+        # the default, so that calls of different lengths share one tree shape (and its CUDA graphs).
+        default_length = branch_length(len(options.tree_widths))
+        if max_new_tokens is not None and options.chain_length > max(max_new_tokens, default_length):
+            options = dataclasses.replace(options, prompt_lookup_length=max(max_new_tokens, default_length))
         if options.max_tree_nodes > MAX_TREE_NODES:
             raise ValueError(
                 f"A round would verify {options.max_tree_nodes} tree nodes (1 + sum(tree_widths) "
