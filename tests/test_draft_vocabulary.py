@@ -37,7 +37,7 @@ def test_tree_over_a_draft_vocabulary_equals_the_tree_of_masked_logits():
     keep = torch.zeros(vocab, dtype=torch.bool)
     keep[ids] = True
     full_logits = masked._logits
-    masked._logits = lambda hidden, draft_vocabulary=False: full_logits(hidden).masked_fill(~keep, float("-inf"))
+    masked._logits = lambda hidden, target=None, draft_vocabulary=False: full_logits(hidden, target).masked_fill(~keep, float("-inf"))
 
     torch.manual_seed(6)
     batch, context, widths = 2, 30, [3, 6, 6]
