@@ -97,8 +97,9 @@ METHODS: dict[str, dict] = {
     "tree_compiled": {**LONGSPEC, "tree_widths": DEFAULT_TREE, **COMPILED},
     "small_tree_graphs": {**LONGSPEC, "tree_widths": SMALL_TREE},
     "small_tree_compiled": {**LONGSPEC, "tree_widths": SMALL_TREE, **COMPILED},
-    # Trees sized by the context: once generate chooses the tree itself, one line, e.g.
-    # "auto_tree_compiled": {**LONGSPEC, **COMPILED},  (no tree_widths: generate's own choice)
+    # No tree_widths: the tree generate chooses for the context (the default); the case records it.
+    "auto_tree_graphs": {**LONGSPEC},
+    "auto_tree_compiled": {**LONGSPEC, **COMPILED},
 }
 
 
@@ -201,9 +202,12 @@ def load_tau(path: str | Path | None) -> dict[tuple[int, ...], dict]:
     return taus
 
 
-def tau_for(name: str, taus: dict[tuple[int, ...], dict]) -> float | None:
-    """Tokens per round: 1 for one-token decoding, the measured tau for a tree, None when unknown."""
+def tau_for(name: str, taus: dict[tuple[int, ...], dict], chosen: list[int] | None = None) -> float | None:
+    """Tokens per round: 1 for one-token decoding, the measured tau for a tree (the method's, else the
+    tree generate `chosen` for the case), None when unknown."""
     tree = tree_of(name)
+    if tree is None and chosen is not None:
+        tree = tuple(chosen)
     if tree == ():
         return 1.0
     found = taus.get(tree) if tree is not None else None
@@ -254,10 +258,11 @@ class Call:
     ms_per_round_median: float | None  # median of the rounds after the first `skip` ones
     first_rounds_extra_s: float  # the first `skip` rounds' time beyond `skip` steady rounds
     tau: float | None = None
+    tree_widths: list[int] | None = None  # the tree the call verified (LongSpec)
 
 
 def analyse_call(start: float, put_times: list[float], end: float, rounds: int, new_tokens: int, skip: int,
-                 tau: float | None = None) -> Call:
+                 tau: float | None = None, tree_widths: list[int] | None = None) -> Call:
     ends = round_ends(put_times)
     prefill_end = ends[0] if ends else end
     mean = 1e3 * (end - prefill_end) / max(rounds, 1)
@@ -270,7 +275,7 @@ def analyse_call(start: float, put_times: list[float], end: float, rounds: int, 
         extra = max(0.0, (ends[k] - ends[0]) - k * steady / 1e3)
     return Call(prefill_s=prefill_end - start, rounds=rounds, new_tokens=new_tokens, wall_s=end - start,
                 ms_per_round_mean=mean, ms_per_round=steady, ms_per_round_median=median,
-                first_rounds_extra_s=extra, tau=tau)
+                first_rounds_extra_s=extra, tau=tau, tree_widths=tree_widths)
 
 
 def synchronize(device: torch.device) -> None:
@@ -294,7 +299,8 @@ def timed_call(target, draft, name: str, prompt: torch.Tensor, new_tokens: int, 
     # transformers: the prefill gives the first token, then one forward per token.
     rounds = stats.rounds if stats is not None else generated - 1
     tau = stats.mean_accepted_length if stats is not None else None
-    return analyse_call(start, clock.times, end, rounds, generated, skip, tau)
+    tree = list(stats.tree_widths) if stats is not None else None
+    return analyse_call(start, clock.times, end, rounds, generated, skip, tau, tree)
 
 
 # ----- memory ----------------------------------------------------------------------------------------------------
@@ -351,6 +357,7 @@ class Case:
     floor_ms: float | None = None
     tau: float | None = None
     tau_measured_here: float | None = None  # mean accepted length of these random-weight calls
+    tree_widths: list[int] | None = None  # the tree the calls verified (LongSpec; chosen by generate for auto_tree)
     ms_per_round: float | None = None
     ms_per_round_median: float | None = None
     ms_per_round_mean: float | None = None
@@ -412,6 +419,7 @@ def measure(case: Case, target, draft, prompt, args, budget: Budget, base: int) 
             calls.append(timed_call(target, draft, case.method, prompt, args.new_tokens, args.skip_rounds))
     case.memory = memory.values
     case.calls = [asdict(c) for c in calls]
+    case.tree_widths = calls[-1].tree_widths
     clean = calls[1:] or calls
     case.ms_per_round = statistics.median(c.ms_per_round for c in clean)
     medians = [c.ms_per_round_median for c in clean if c.ms_per_round_median is not None]
@@ -531,6 +539,7 @@ def run(args) -> dict:
                         prompt = torch.randint(100, config.vocab_size, (batch, context), generator=generator).to(device)
                     try:
                         measure(case, target, draft, prompt, args, budget, base)
+                        case.tau = tau_for(method, taus, case.tree_widths)
                         case.projected_tokens_per_s = projected_tokens_per_s(batch, case.tau, case.ms_per_round)
                         print(f"    {layout} batch {batch} context {context} {method}: {case.ms_per_round:.2f} ms/round "
                               f"(floor {case.floor_ms:.2f}), prefill {case.prefill_s:.2f} s, first use "
@@ -643,6 +652,8 @@ def markdown(report: dict) -> str:
                 memory = c["memory"]
                 vs_step = c["ms_per_round"] / step_ms if step_ms else None
                 prefill = fmt(c["prefill_s"], 2) + (" (with first use)" if c["prefill_includes_first_use"] and compiles(method) else "")
+                if tree_of(method) is None and c.get("tree_widths") is not None:
+                    method = f"{method} {c['tree_widths']}"  # the tree generate chose
                 lines.append(
                     f"| {context} | {method} | {fmt(c['ms_per_round'], 2)} | {fmt(c['ms_per_round'] / c['floor_ms'], 2)} | "
                     f"{fmt(vs_step, 2)} | {prefill} | {fmt(c['first_use_s'])} | {fmt(memory.get('peak_gib'))} | "
@@ -802,7 +813,7 @@ def rescore(report: dict, tau_file: str | None) -> dict:
     report["meta"]["tau"] = {",".join(map(str, k)): v for k, v in taus.items()}
     for case in report["cases"]:
         if case["method"] in METHODS:
-            case["tau"] = tau_for(case["method"], taus)
+            case["tau"] = tau_for(case["method"], taus, case.get("tree_widths"))
         case["projected_tokens_per_s"] = projected_tokens_per_s(case["batch"], case["tau"], case["ms_per_round"])
     return report
 

@@ -4,7 +4,9 @@ A LongSpec forward passes `longspec=LongSpecAttentionInputs(...)` to `target(...
 that keyword down to every attention call. The registered function then reads the layer's K/V from the
 [`LongSpecCache`] and computes either
 
-- prefill: causal attention over the prompt, padding excluded, or
+- prefill: causal attention over the prompt's first chunk, padding excluded; a later chunk attends to
+  the committed chunks before it and causally to itself, through the hybrid kernel below with the
+  chunk as a "tree" whose ancestor mask is causal, or
 - tree verification: the hybrid attention of `kernels.prefix_tree_attention` (committed prefix without a
   mask, tree nodes with their ancestor mask, merged exactly through their log-sum-exp).
 
@@ -43,11 +45,14 @@ class LongSpecAttentionInputs:
         tree_mask: `(B, T, T)` ancestor mask for a tree forward; None for the prefill.
         left_padded: prefill only: whether any row has left padding (known on the host, so the attention
             takes the plain causal path without reading the device, also inside compiled code).
+        chunk_depths: a prefill chunk after the first: `(T,)` each query's slot after the committed
+            slots (`0..T-1`); `tree_mask` is then the chunk's causal mask.
     """
 
     cache: LongSpecCache
     tree_mask: torch.Tensor | None = None
     left_padded: bool = True
+    chunk_depths: torch.Tensor | None = None
 
 
 def _prefill_attention(
@@ -113,6 +118,13 @@ def longspec_attention_forward(
     layer = module.layer_idx
     if longspec.tree_mask is None:
         out = _prefill_attention(query, key, value, cache.pad_start, scale, longspec.left_padded, sliding_window)
+    elif longspec.chunk_depths is not None:
+        # `key`/`value`: the chunk's K/V as the cache stored them; its committed slots end where it begins.
+        window = sliding_window if sliding_window is not None and sliding_window < cache.capacity else None
+        out, _ = kernels.prefix_tree_attention(
+            query, cache.kv[layer, 0], cache.kv[layer, 1], cache.pad_start, cache.committed_len, key, value,
+            longspec.tree_mask, scale, window, longspec.chunk_depths,
+        )
     else:
         num_nodes = query.shape[2]
         window = tree_depths = None

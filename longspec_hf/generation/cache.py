@@ -86,7 +86,7 @@ class LongSpecCache(Cache):
         # as it is instead of building one (the LongSpec attention reads positions from the cache).
         self.mask_placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
         self._write_tree = False
-        self._write_len = 0
+        self._write_start = self._write_len = 0
 
     @property
     def capacity(self) -> int:
@@ -97,11 +97,16 @@ class LongSpecCache(Cache):
         return self.kv_tree.shape[4]
 
     # ----- write plans ---------------------------------------------------------------------------------
-    def begin_prefill(self, num_tokens: int) -> None:
-        """The next forward writes slots `[0, num_tokens)` of every row and commits them."""
-        if num_tokens > self.capacity:
-            raise ValueError(f"prompt of {num_tokens} slots exceeds the cache capacity {self.capacity}")
-        self._write_tree, self._write_len = False, num_tokens
+    def begin_prefill(self, start: int, end: int) -> None:
+        """The next forward writes prompt slots `[start, end)` of every row (a chunk of the prompt); the
+        slots before `start` are committed (`committed_len` = `start`). [`end_prefill`] commits the rest."""
+        if end > self.capacity:
+            raise ValueError(f"prompt of {end} slots exceeds the cache capacity {self.capacity}")
+        self._write_tree, self._write_start, self._write_len = False, start, end - start
+        self.committed_len.fill_(start)
+
+    def end_prefill(self, num_tokens: int) -> None:
+        """The prompt's `num_tokens` slots are written: commit them."""
         self.committed_len.fill_(num_tokens)
 
     def begin_tree(self, num_nodes: int) -> None:
@@ -116,16 +121,18 @@ class LongSpecCache(Cache):
         """Store `(B, Hkv, T, D)` keys/values where the current plan says and return the layer's visible K/V.
 
         The LongSpec attention reads the cache itself (through the layer index); the returned tensors
-        are the prompt (prefill) or the tree nodes (tree forward).
+        are the prompt chunk (prefill) or the tree nodes (tree forward).
         """
         target = self.kv_tree if self._write_tree else self.kv
+        start = 0 if self._write_tree else self._write_start
         length = key_states.shape[2]
         # (Not under torch.compile: comparing the traced length with the plan would pin it to one prompt length.)
         if not torch.compiler.is_compiling() and length != self._write_len:
             raise RuntimeError(f"forward of {length} tokens does not match the cache's write plan ({self._write_len})")
-        target[layer_idx, 0, :, :, :length] = key_states
-        target[layer_idx, 1, :, :, :length] = value_states
-        return target[layer_idx, 0, :, :, :length], target[layer_idx, 1, :, :, :length]
+        written = slice(start, start + length)
+        target[layer_idx, 0, :, :, written] = key_states
+        target[layer_idx, 1, :, :, written] = value_states
+        return target[layer_idx, 0, :, :, written], target[layer_idx, 1, :, :, written]
 
     # ----- committing ----------------------------------------------------------------------------------
     def compact(self, path: torch.Tensor, num_kept: torch.Tensor) -> None:

@@ -54,6 +54,11 @@ from .verify import merge_positions_verify
 from .workspace import DecodingWorkspace, claim_workspace
 
 
+# Prompt tokens (over the batch) of one prefill forward, unless the generation config's
+# `prefill_chunk_size` says otherwise.
+PREFILL_CHUNK_TOKENS = 8192
+
+
 def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     """`(B,)` number of leading zeros of each row; raises unless every row is `0...0 1...1`."""
     mask = attention_mask.bool()
@@ -173,7 +178,11 @@ class DecodingSession:
         self.batch_size, self.prompt_len = input_ids.shape
         self.device = input_ids.device
         self.max_new_tokens = generation_config.max_length - self.prompt_len
+        # Prompt tokens per prefill forward: the activations of a forward grow with its tokens, and a
+        # chunk bounds them (about 1 GiB for an 8B target) however long the prompt.
+        self.prefill_chunk = generation_config.prefill_chunk_size or max(256, PREFILL_CHUNK_TOKENS // self.batch_size)
         self.stats = options.stats if options.stats is not None else LongSpecStats()
+        self.stats.tree_widths = options.tree_widths
         self.logits_processor = logits_processor
         self.output = output
         self.pad_token_id = output.pad_token_id
@@ -222,26 +231,14 @@ class DecodingSession:
 
     # ----- prefill --------------------------------------------------------------------------------------
     def prefill(self) -> None:
-        """The prompt's K/V become the committed prefix; its last logits give the first token."""
+        """The prompt's K/V become the committed prefix, chunk by chunk; its last logits give the first token."""
         input_ids, prompt_len = self.input_ids, self.prompt_len
-        self.cache.begin_prefill(prompt_len)
         positions = (torch.arange(prompt_len, device=self.device)[None, :] - self.pad_start[:, None]).clamp(min=0)
-        if self._prefill_forward is not call_model:
-            # The compiled target: an eager forward launches each of its small kernels from Python, which
-            # costs more than the GPU work of a prompt of thousands of tokens. The prompt length is a
-            # dynamic dimension, so one compiled graph serves every length.
-            for tensor in (input_ids, positions):
-                torch._dynamo.maybe_mark_dynamic(tensor, 1)
-        logits = self._prefill_forward(
-            self.target,
-            input_ids=input_ids,
-            position_ids=positions,
-            attention_mask=self.cache.mask_placeholder,
-            **{cache_keyword(self.target): self.cache},
-            use_cache=True,
-            logits_to_keep=1,
-            longspec=LongSpecAttentionInputs(self.cache, left_padded=bool(self.pad_start.any())),
-        ).logits[:, -1:].float()
+        for start in range(0, prompt_len, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, prompt_len)
+            logits = self._prefill_chunk(input_ids[:, start:end], positions[:, start:end], start)
+        self.cache.end_prefill(prompt_len)
+        logits = logits[:, -1:].float()
         scores = self.logits_processor(input_ids, logits[:, 0].clone())[:, None]
         if self.rule is not None:
             first = torch.multinomial(torch.softmax(scores[:, 0], dim=-1), 1)
@@ -255,6 +252,41 @@ class DecodingSession:
             # Prompt lookup: every row's n-grams on the host, extended with each round's tokens.
             prompts = [row[start:] for row, start in zip(input_ids.tolist(), self.pad_start.tolist())]
             self.lookup = NgramIndex([prompt + first_row for prompt, first_row in zip(prompts, first_tokens)])
+
+    def _prefill_chunk(self, input_ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
+        """One target forward over prompt slots `[start, start + T)`; returns its last logits `(B, 1, V)`.
+
+        The first chunk attends causally to itself; a later one also to the committed slots before it,
+        through the tree kernel with a causal mask. A prompt of one chunk runs through the compiled
+        forward when there is one (an eager forward launches each small kernel from Python, more than
+        the work of a short prompt; the prompt length is a dynamic dimension, so one graph serves every
+        length); chunks of a longer prompt run eagerly, their launches being a small part of their work.
+        """
+        length = input_ids.shape[1]
+        self.cache.begin_prefill(start, start + length)
+        forward = call_model
+        if start == 0:
+            longspec = LongSpecAttentionInputs(self.cache, left_padded=bool(self.pad_start.any()))
+            if length == self.prompt_len and self._prefill_forward is not call_model:
+                forward = self._prefill_forward
+                for tensor in (input_ids, positions):
+                    torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        else:
+            slots = torch.arange(start, start + length, device=self.device)
+            causal = (slots[None, :] <= slots[:, None])[None] & (slots[None, None, :] >= self.pad_start[:, None, None])
+            # Padding queries see themselves only (their outputs are never used), so no row is empty.
+            tree_mask = causal | torch.eye(length, dtype=torch.bool, device=self.device)[None]
+            longspec = LongSpecAttentionInputs(self.cache, tree_mask=tree_mask, chunk_depths=slots - start)
+        return forward(
+            self.target,
+            input_ids=input_ids,
+            position_ids=positions,
+            attention_mask=self.cache.mask_placeholder,
+            **{cache_keyword(self.target): self.cache},
+            use_cache=True,
+            logits_to_keep=1,
+            longspec=longspec,
+        ).logits
 
     # ----- one round ------------------------------------------------------------------------------------
     def round(self) -> None:

@@ -23,9 +23,9 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import logging
 
 from ..modeling import LongSpecDraftModel, check_supported_target
-from . import _compat
+from . import _compat, tree_sizing
 from .decoding import decode
-from .options import NOT_GIVEN, LongSpecOptions
+from .options import NOT_GIVEN, LongSpecOptions, TreeSizer
 
 logger = logging.get_logger(__name__)
 
@@ -94,6 +94,7 @@ def generate(
         generation_config=generation_config,
         draft_generation_config=getattr(draft, "generation_config", None),
         max_new_tokens=max_new_tokens,
+        size_tree=_tree_sizer(model, draft, input_ids.shape[0], generation_config.max_length),
     )
     return decode(
         model,
@@ -106,6 +107,24 @@ def generate(
         streamer=streamer,
         attention_mask=attention_mask,
     )
+
+
+def _tree_sizer(target: PreTrainedModel, draft: LongSpecDraftModel, batch_size: int, max_length: int) -> TreeSizer:
+    """The automatic tree of a call (`tree_sizing.py`): its cost model at the call's context length, the
+    draft's acceptance prior (its generation config's `acceptance_prior`, else the default one)."""
+
+    prior = getattr(getattr(draft, "generation_config", None), "acceptance_prior", None) or {}
+    if not isinstance(prior, dict) or not set(prior) <= {"top1", "width_exponent"}:
+        raise ValueError(
+            f"The draft's generation_config.acceptance_prior must be a dict with keys 'top1' and/or "
+            f"'width_exponent' (see longspec_hf.generation.tree_sizing), got {prior!r}. Fix or remove it."
+        )
+
+    def size_tree(largest, lookup_nodes):
+        cost = tree_sizing.round_cost(target, draft, batch_size, tree_sizing.context_bucket(max_length))
+        return tree_sizing.choose_tree_widths(cost, lookup_nodes, largest=largest, **prior)
+
+    return size_tree
 
 
 @functools.wraps(_compat.ORIGINAL_GENERATE)
@@ -215,6 +234,9 @@ def _check_generation_config(generation_config: GenerationConfig) -> None:
     for name in ("output_attentions", "output_hidden_states"):
         if getattr(generation_config, name, False):
             raise ValueError(f"{name}=True is not supported with a LongSpec draft.")
+    chunk = getattr(generation_config, "prefill_chunk_size", None)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"prefill_chunk_size must be a positive integer (prompt tokens per prefill forward), got {chunk!r}")
 
 
 def _check_prompt(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,13 @@ class _NotGiven:
 
 
 NOT_GIVEN = _NotGiven()
+
+# `tree_widths="auto"` (the default): the tree is chosen per call from the context length and the
+# models' shapes (`tree_sizing.py`), within the draft's generation config's tree.
+AUTO = "auto"
+
+# Chooses the automatic tree: (the largest tree allowed, lookup-chain nodes a tree adds) -> widths.
+TreeSizer = Callable[[tuple[int, ...], Callable[[tuple[int, ...]], int]], tuple[int, ...]]
 
 # The keywords of `generate` that a LongSpec call takes (their meaning: the fields below).
 KEYWORDS = (
@@ -55,7 +62,10 @@ class LongSpecOptions:
 
     Attributes:
         tree_widths: nodes per level of the draft's tree, e.g. `(4, 16, 16, 16, 16)`; `()` drafts
-            nothing (one token per target forward, through LongSpec's cache).
+            nothing (one token per target forward, through LongSpec's cache). `"auto"` (the default)
+            is resolved per call to the tree with the most expected tokens per second at the call's
+            context length, no larger than the draft generation config's `tree_widths`.
+        auto_tree: whether `tree_widths` was chosen automatically.
         sampling_rule: with `do_sample=True`, how trees are drawn and verified (`sampling.py`).
         prompt_lookup_branches: chains found by n-gram lookup in the prompt and the output, hung under
             the root of every tree (0: off).
@@ -70,7 +80,8 @@ class LongSpecOptions:
         stats: a [`LongSpecStats`] the call fills in (keyword `longspec_stats`).
     """
 
-    tree_widths: tuple[int, ...] = DEFAULT_TREE_WIDTHS
+    tree_widths: tuple[int, ...] = AUTO  # always a tuple once resolved
+    auto_tree: bool = False
     sampling_rule: str = DEFAULT_SAMPLING_RULE
     prompt_lookup_branches: int = 0
     prompt_lookup_length: int | None = None
@@ -114,12 +125,14 @@ class LongSpecOptions:
         draft_generation_config: Any = None,
         max_new_tokens: int | None = None,
         do_sample: bool = False,
+        size_tree: TreeSizer | None = None,
     ) -> "LongSpecOptions":
         """The options of a call from its LongSpec `keywords` (names of `KEYWORDS`; `NOT_GIVEN`, or None for
         those of `NONE_IS_DEFAULT`: not given).
 
-        `tree_widths` not given comes from `generation_config.tree_widths`, then the draft's generation
-        config. Chains longer than both `max_new_tokens` and the default are cut to the larger of the two.
+        `tree_widths` not given comes from `generation_config.tree_widths`, else it is `"auto"`: chosen by
+        `size_tree` within the draft generation config's `tree_widths` (without `size_tree`: that tree).
+        Chains longer than both `max_new_tokens` and the default are cut to the larger of the two.
         """
         unknown = set(keywords) - set(KEYWORDS)
         if unknown:
@@ -131,13 +144,11 @@ class LongSpecOptions:
         }
         if "longspec_stats" in given:
             given["stats"] = given.pop("longspec_stats")
-        if "tree_widths" not in given:
-            for config in (generation_config, draft_generation_config):
-                widths = getattr(config, "tree_widths", None)
-                if widths is not None:
-                    given["tree_widths"] = widths
-                    break
+        if "tree_widths" not in given and getattr(generation_config, "tree_widths", None) is not None:
+            given["tree_widths"] = generation_config.tree_widths
         options = cls(**{name: _checked(name, value) for name, value in given.items()})
+        if options.tree_widths == AUTO:
+            options = options._sized(draft_generation_config, size_tree)
         if options.prompt_lookup_branches == 0:
             for name in ("prompt_lookup_length", "prompt_lookup_under_draft"):
                 if name in given and given[name] not in (False,):
@@ -162,6 +173,19 @@ class LongSpecOptions:
                 "levels, fewer prompt-lookup branches or a shorter prompt_lookup_length."
             )
         return options
+
+
+    def _sized(self, draft_generation_config: Any, size_tree: TreeSizer | None) -> "LongSpecOptions":
+        """These options with the automatic tree chosen by `size_tree`."""
+        largest = getattr(draft_generation_config, "tree_widths", None)
+        largest = _tree_widths(largest) if largest is not None and largest != AUTO else DEFAULT_TREE_WIDTHS
+
+        def lookup_nodes(widths: tuple[int, ...]) -> int:
+            with_widths = dataclasses.replace(self, tree_widths=widths)
+            return with_widths.max_tree_nodes - 1 - sum(widths)
+
+        widths = size_tree(largest, lookup_nodes) if size_tree is not None else largest
+        return dataclasses.replace(self, tree_widths=tuple(widths), auto_tree=True)
 
 
 def _checked(name: str, value: Any) -> Any:
@@ -192,10 +216,14 @@ def _integer(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def _tree_widths(widths: Any) -> tuple[int, ...]:
+def _tree_widths(widths: Any) -> tuple[int, ...] | str:
     # An empty list is allowed: no drafting, one token per target forward (a baseline for benchmarks).
+    if widths == AUTO:
+        return AUTO
     if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
-        raise ValueError(f"tree_widths must be a list of positive integers (nodes per tree level), got {widths!r}")
+        raise ValueError(
+            f'tree_widths must be "auto" or a list of positive integers (nodes per tree level), got {widths!r}'
+        )
     for width in widths:
         if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
             raise ValueError(

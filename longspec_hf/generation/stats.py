@@ -18,6 +18,8 @@ class LongSpecStats:
             paused it).
         draft_cache_nbytes: bytes of the draft's own cache (its window ring and tree scratch: constant
             in the context length).
+        tree_widths: the draft tree's level widths the call verified (chosen automatically unless the
+            call or its generation config gave them).
     """
 
     rounds: int = 0
@@ -25,6 +27,7 @@ class LongSpecStats:
     retrieval_accepted: list[int] = field(default_factory=list)
     drafted_rounds: int = 0
     draft_cache_nbytes: int = 0
+    tree_widths: tuple[int, ...] = ()
 
     @property
     def mean_accepted_length(self) -> float:
@@ -40,5 +43,6 @@ class LongSpecStats:
         self.rounds = 0
         self.drafted_rounds = 0
         self.draft_cache_nbytes = 0
+        self.tree_widths = ()
         self.accepted_lengths.clear()
         self.retrieval_accepted.clear()
