@@ -168,9 +168,9 @@ print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_token
 ```
 
 With transformers alone, without longspec-hf: this repository also holds the draft's code and LongSpec
-decoding as a `custom_generate` method (both run the pure-torch attention). Drop `import longspec_hf`,
-load the draft with `trust_remote_code=True` and name this repository as `custom_generate`; the same
-tokens come out:
+decoding as a `custom_generate` method, written from the package's own code (with its pure-torch attention:
+on CUDA the package's Triton kernels are faster). Drop `import longspec_hf`, load the draft with
+`trust_remote_code=True` and name this repository as `custom_generate`:
 
 ```python
 draft = AutoModel.from_pretrained("{{{{ repo_id }}}}", trust_remote_code=True, dtype=target.dtype).to(target.device)

@@ -315,8 +315,9 @@ out = target.generate(**inputs, assistant_model=draft, max_new_tokens=256)
 ```
 
 With transformers alone, without longspec-hf: this repository also holds the draft's code and LongSpec
-decoding as a `custom_generate` method (both run the pure-torch attention). Drop `import longspec_hf`,
-load the draft with `trust_remote_code=True` and name this repository as `custom_generate`:
+decoding as a `custom_generate` method, written from the package's own code (with its pure-torch attention:
+on CUDA the package's Triton kernels are faster). Drop `import longspec_hf`, load the draft with
+`trust_remote_code=True` and name this repository as `custom_generate`:
 
 ```python
 draft = AutoModel.from_pretrained("{{ repo_id }}", trust_remote_code=True, dtype="auto").to(target.device)
