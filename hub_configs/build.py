@@ -1,6 +1,12 @@
-"""Generate hub_configs/<draft>/{config.json,generation_config.json,README.md} for every draft we publish or support.
+"""Generate hub_configs/<draft>/ for every draft we publish or support.
 
 Run from the repository root:  python hub_configs/build.py  [--out DIR]
+
+Each folder gets config.json, generation_config.json and README.md (tracked in git), and the code that lets
+it load without longspec-hf: the draft's remote code (`configuration_longspec.py`, `modeling_longspec.py` and
+the flat modules they import; config.json names them in `auto_map`) and `custom_generate/` (LongSpec
+decoding for `generate(..., custom_generate=<repo>)`). The code files are written from the package's
+sources by `longspec_hf.export` and not tracked: `longspec push` writes them afresh.
 
 Each draft's layout is derived from its target's configuration (listed in TARGETS below) with
 `LongSpecDraftConfig.from_target_config`, so the block always matches the target it drafts for. The
@@ -19,6 +25,7 @@ from typing import Any
 
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
 
+from longspec_hf.export import AUTO_MAP, write_custom_generate, write_remote_code
 from longspec_hf.modeling import LongSpecDraftConfig
 
 HERE = Path(__file__).resolve().parent
@@ -142,8 +149,11 @@ target alone; only the speed changes.
 {status}
 ## Usage
 
+With [longspec-hf](https://github.com/longspec-hf/longspec-hf) installed (`pip install longspec-hf`; on CUDA
+it brings its Triton kernels):
+
 ```python
-import longspec_hf  # registers the draft with the Auto classes
+import longspec_hf  # registers the draft with the Auto classes and routes generate(assistant_model=draft)
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{base_model}")
@@ -155,6 +165,18 @@ inputs = tokenizer.apply_chat_template(
 ).to(target.device)
 out = target.generate(**inputs, assistant_model=draft, max_new_tokens=512)
 print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+With transformers alone, without longspec-hf: this repository also holds the draft's code and LongSpec
+decoding as a `custom_generate` method, written from the package's own code (with its pure-torch attention:
+on CUDA the package's Triton kernels are faster). Drop `import longspec_hf`, load the draft with
+`trust_remote_code=True` and name this repository as `custom_generate`:
+
+```python
+draft = AutoModel.from_pretrained("{{{{ repo_id }}}}", trust_remote_code=True, dtype=target.dtype).to(target.device)
+out = target.generate(
+    **inputs, assistant_model=draft, custom_generate="{{{{ repo_id }}}}", trust_remote_code=True, max_new_tokens=512
+)
 ```
 
 The default tree widths ({tree_widths}) come from `generation_config.json`; pass `tree_widths=[...]`
@@ -214,6 +236,7 @@ def config_json(config: LongSpecDraftConfig) -> str:
     data = {k: v for k, v in data.items() if k in own or k not in generic or generic[k] != v}
     data.pop("_name_or_path", None)
     data["architectures"] = ["LongSpecDraftModel"]
+    data["auto_map"] = dict(AUTO_MAP)
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
@@ -230,6 +253,8 @@ def build(out: Path = HERE) -> list[Path]:
         (folder / "config.json").write_text(config_json(config))
         (folder / "generation_config.json").write_text(generation_config_json(config))
         (folder / "README.md").write_text(render_card(base_model, config))
+        write_remote_code(folder)
+        write_custom_generate(folder)
         written.append(folder)
     return written
 

@@ -6,6 +6,7 @@
     longspec convert SRC DST [--sliding-window N] [--dtype bfloat16]
     longspec push SRC REPO_ID [--base-model ID] [--metrics JSON|FILE] [--card-template README.md] [--dry-run DIR]
     longspec draft-vocab DRAFT --size N --data DIR --tokenizer T (--output DIR | --in-place)
+    longspec export-generate DIR
     longspec train ...        (arguments from longspec_hf.training.cli)
 
 Each subcommand registers itself in `SUBCOMMANDS` with a function that adds its arguments and one
@@ -386,6 +387,24 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----- export-generate ------------------------------------------------------------------------------------
+def _add_export_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="folder to write custom_generate/ into; a draft's folder serves then as both the "
+                        "draft and the decoding method")
+
+
+def _run_export_generate(args: argparse.Namespace) -> int:
+    from .export import write_custom_generate
+
+    folder = write_custom_generate(args.dir)
+    print(
+        f"Wrote {folder}. Without longspec-hf installed: target.generate(**inputs, custom_generate={str(args.dir)!r}, "
+        "trust_remote_code=True, assistant_model=draft), with draft = AutoModel.from_pretrained(<draft>, "
+        "trust_remote_code=True); upload the folder to use it by repository id."
+    )
+    return 0
+
+
 # ----- draft-vocab ------------------------------------------------------------------------------------------
 def _add_draft_vocab_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("draft", help="folder or Hub id of the draft")
@@ -453,8 +472,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "generate": Subcommand("generate from a prompt file with a LongSpec draft, streaming to the terminal", _add_generate_arguments, _run_generate),
     "bench": Subcommand("benchmark transformers and LongSpec decoding on held-out long prompts", _add_bench_arguments, _run_bench),
     "convert": Subcommand("convert a published LongSpec checkpoint to a LongSpecDraftModel folder", _add_convert_arguments, _run_convert),
-    "push": Subcommand("upload a draft and its model card to the Hugging Face Hub", _add_push_arguments, _run_push),
+    "push": Subcommand("upload a draft, its model card and its code for transformers alone to the Hugging Face Hub", _add_push_arguments, _run_push),
     "draft-vocab": Subcommand("give a draft a draft vocabulary: the tokens most frequent in given text", _add_draft_vocab_arguments, _run_draft_vocab),
+    "export-generate": Subcommand("write custom_generate/: LongSpec decoding for generate() where longspec-hf is not installed", _add_export_generate_arguments, _run_export_generate),
     "train": Subcommand("train a draft for a target model (see `longspec train --help`)", _add_train_arguments, _run_train),
 }
 

@@ -19,6 +19,7 @@ from longspec_hf import LongSpecDraftModel, cli
 
 from .conftest import make_draft, make_target
 from .test_conversion import write_old_layout
+from .test_hub import PUBLISHED_FILES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def test_push_command_dry_run(tmp_path, capsys, umask_022):
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "| 3.1 |" in card.text and "| 1.9x |" in card.text
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"README.md", "config.json", "generation_config.json", "model.safetensors"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == PUBLISHED_FILES
 
 
 def test_push_command_uploads(tmp_path, monkeypatch):
@@ -82,7 +83,7 @@ def test_push_command_uploads(tmp_path, monkeypatch):
     make_draft(target).save_pretrained(tmp_path / "draft")
     assert cli.main(["push", str(tmp_path / "draft"), "me/tiny", "--metrics", '{"speedup": "2x"}', "--base-model", "org/target"]) == 0
     assert uploaded["repo"] == "me/tiny"
-    assert uploaded["files"] == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert uploaded["files"] == PUBLISHED_FILES
 
 
 def test_push_rejects_bad_metrics(tmp_path):

@@ -16,6 +16,7 @@ from huggingface_hub import HfApi, ModelCard
 from transformers import AutoConfig
 
 from longspec_hf import LongSpecDraftConfig, LongSpecDraftModel
+from longspec_hf.export import AUTO_MAP
 
 from .conftest import make_draft, make_target
 
@@ -31,6 +32,15 @@ def load_build_module():
 
 
 build = load_build_module()
+# The draft's code that goes with its weights (`trust_remote_code=True`), as longspec_hf.export writes it.
+PUBLISHED_CODE = [
+    "assets.py", "configuration_longspec.py", "conversion.py", "export.py", "kernels.py", "kernels_reference.py",
+    "modeling_longspec.py",
+]
+# Everything push_to_hub uploads for a draft without a training log.
+PUBLISHED_FILES = sorted(
+    ["README.md", "config.json", "custom_generate", "generation_config.json", "model.safetensors", *PUBLISHED_CODE]
+)
 FOLDERS = sorted(p for p in HUB_CONFIGS.iterdir() if p.is_dir() and (p / "config.json").exists())
 
 
@@ -71,6 +81,9 @@ def test_hub_config_matches_base_model(folder):
     assert card.data.library_name == "longspec-hf" and card.data.pipeline_tag == "text-generation"
     assert card.data.license and "longspec" in card.data.tags and "speculative-decoding" in card.data.tags
     assert "assistant_model=draft" in card.text and "import longspec_hf" in card.text
+    assert 'custom_generate="{{ repo_id }}", trust_remote_code=True' in card.text
+    assert 'AutoModel.from_pretrained("{{ repo_id }}", trust_remote_code=True' in card.text
+    assert json.loads((folder / "config.json").read_text())["auto_map"] == AUTO_MAP
 
 
 def test_hub_configs_are_reproducible(tmp_path):
@@ -78,6 +91,9 @@ def test_hub_configs_are_reproducible(tmp_path):
     for folder in FOLDERS:
         for name in ("config.json", "generation_config.json", "README.md"):
             assert (tmp_path / folder.name / name).read_text() == (folder / name).read_text(), f"{folder.name}/{name}"
+        # The code for transformers alone is written beside them, from the package's sources (not tracked).
+        assert sorted(p.name for p in (tmp_path / folder.name).glob("*.py")) == PUBLISHED_CODE
+        assert (tmp_path / folder.name / "custom_generate" / "generate.py").is_file()
 
 
 def test_smollm2_config_fits_real_layout():
@@ -99,7 +115,9 @@ def test_push_to_hub_dry_run_writes_card_with_numbers(tmp_path):
         save_to=tmp_path / "upload",
     )
     files = sorted(p.name for p in Path(out).iterdir())
-    assert files == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert files == PUBLISHED_FILES
+    assert json.loads((Path(out) / "config.json").read_text())["auto_map"] == AUTO_MAP
+    assert (Path(out) / "custom_generate" / "generate.py").is_file()
     card = ModelCard.load(Path(out) / "README.md")
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert card.data.library_name == "longspec-hf" and card.data.pipeline_tag == "text-generation"
@@ -108,6 +126,9 @@ def test_push_to_hub_dry_run_writes_card_with_numbers(tmp_path):
     assert "| draft_ms | 9.1 |" in card.text
     assert 'AutoModel.from_pretrained("someone/longspec-smollm2-135m-instruct"' in card.text
     assert "{{" not in card.text
+    # Both ways to use it: with the package, and with transformers alone (remote code + custom_generate).
+    assert "import longspec_hf" in card.text and "assistant_model=draft" in card.text
+    assert 'custom_generate="someone/longspec-smollm2-135m-instruct", trust_remote_code=True' in card.text
     reloaded = LongSpecDraftModel.from_pretrained(out)
     for key, value in draft.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0)
@@ -134,7 +155,7 @@ def test_push_to_hub_uploads_folder(monkeypatch):
     assert calls["create_repo"][0] == "org/tiny-draft" and calls["create_repo"][1]["private"] is True
     repo_id, files, readme, _ = calls["upload"]
     assert repo_id == "org/tiny-draft"
-    assert files == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert files == PUBLISHED_FILES
     assert "| mean_accepted_length | 2.5 |" in readme and "library_name: longspec-hf" in readme
 
 

@@ -72,6 +72,9 @@ def test_installed_package_publishes_the_bundled_card_and_training_log(installed
     assert "train_log.jsonl" in card
     bundled_log = REPO_ROOT / "hub_configs" / "longspec-smollm2-135m-instruct" / "train_log.jsonl"
     assert (upload / "train_log.jsonl").read_bytes() == bundled_log.read_bytes()
+    # The code for transformers alone, written from the installed package's sources.
+    assert (upload / "modeling_longspec.py").is_file() and (upload / "custom_generate" / "generate.py").is_file()
+    assert 'custom_generate="someone/longspec-smollm2-135m-instruct"' in card
 
 
 @pytest.mark.slow

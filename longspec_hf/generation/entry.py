@@ -22,7 +22,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import logging
 
-from ..modeling import LongSpecDraftModel, check_supported_target
+from ..modeling import LongSpecDraftModel, check_supported_target, is_longspec_draft
 from . import _compat, tree_sizing
 from .decoding import decode
 from .options import NOT_GIVEN, LongSpecOptions, TreeSizer
@@ -63,7 +63,7 @@ def generate(
     [`LongSpecDraftModel`].
     """
     draft = assistant_model
-    if not isinstance(draft, LongSpecDraftModel):
+    if not is_longspec_draft(draft):
         raise ValueError(
             "longspec_hf.generate decodes with a LongSpec draft: pass assistant_model=<LongSpecDraftModel> "
             f"(got {type(draft).__name__})."
@@ -134,7 +134,7 @@ def route_generate(self: PreTrainedModel, *args, **kwargs):
     arguments = bound.arguments
     draft = arguments.get("assistant_model")
     custom = arguments.get("custom_generate")
-    if not isinstance(draft, LongSpecDraftModel):
+    if not is_longspec_draft(draft) or isinstance(custom, str):  # a folder or repo's custom_generate: transformers loads it
         return _compat.ORIGINAL_GENERATE(self, *args, **kwargs)
     if custom is not None and custom is not generate:
         raise ValueError(

@@ -78,9 +78,10 @@ def prefix_visibility(prefix_start: torch.Tensor, prefix_end: torch.Tensor, num_
 
 def _slots_to_read(key: torch.Tensor, end: torch.Tensor) -> int:
     """How many leading cache slots of `key` `(B, Hkv, S, D)` to attend over: only slots below the longest
-    row's `end` can be visible, so eagerly the preallocated tail is skipped; compiled code cannot wait
-    for that value and takes the whole cache."""
-    if torch.compiler.is_compiling():
+    row's `end` can be visible, so eagerly the preallocated tail is skipped; compiled code and a CUDA graph
+    being captured (this is the CUDA path where Triton is missing) cannot wait for that value and take
+    the whole cache."""
+    if torch.compiler.is_compiling() or (key.is_cuda and torch.cuda.is_current_stream_capturing()):
         return key.shape[2]
     return int(end.max()) if end.numel() else 0
 

@@ -7,7 +7,7 @@ from .configuration_longspec import (
     LongSpecDraftConfig,
     check_supported_target,
 )
-from .modeling_longspec import DraftCache, LongSpecDraftModel, TargetKV, TargetParts
+from .modeling_longspec import DraftCache, LongSpecDraftModel, TargetKV, TargetParts, is_longspec_draft
 
 __all__ = [
     "DEFAULT_TREE_WIDTHS",
@@ -19,5 +19,6 @@ __all__ = [
     "TargetParts",
     "cache_keyword",
     "check_supported_target",
+    "is_longspec_draft",
     "output_cache",
 ]

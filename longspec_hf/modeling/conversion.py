@@ -301,8 +301,10 @@ speculative decoding of [{{ base_model }}](https://huggingface.co/{{ base_model 
 
 ## Usage
 
+With longspec-hf installed (`pip install longspec-hf`; on CUDA it brings its Triton kernels):
+
 ```python
-import longspec_hf  # registers the draft with the Auto classes
+import longspec_hf  # registers the draft with the Auto classes and routes generate(assistant_model=draft)
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{{ base_model }}")
@@ -310,6 +312,17 @@ target = AutoModelForCausalLM.from_pretrained("{{ base_model }}", dtype="auto", 
 draft = AutoModel.from_pretrained("{{ repo_id }}", dtype="auto").to(target.device)
 inputs = tokenizer("...", return_tensors="pt").to(target.device)
 out = target.generate(**inputs, assistant_model=draft, max_new_tokens=256)
+```
+
+With transformers alone, without longspec-hf: this repository also holds the draft's code and LongSpec
+decoding as a `custom_generate` method, written from the package's own code (with its pure-torch attention:
+on CUDA the package's Triton kernels are faster). Drop `import longspec_hf`, load the draft with
+`trust_remote_code=True` and name this repository as `custom_generate`:
+
+```python
+draft = AutoModel.from_pretrained("{{ repo_id }}", trust_remote_code=True, dtype="auto").to(target.device)
+out = target.generate(**inputs, assistant_model=draft, custom_generate="{{ repo_id }}", trust_remote_code=True,
+                      max_new_tokens=256)
 ```
 
 ## Measured results
@@ -418,9 +431,13 @@ def write_hub_folder(
     base_model: str | None = None,
     license: str | None = None,
 ) -> Path:
-    """Write everything `push_to_hub` uploads into `folder`: weights, config, generation config, README.md
-    (the model card, see [`card_base_model`]) and the [`PUBLISHED_EXTRA_FILES`] found beside the weights the
-    model was loaded from."""
+    """Write everything `push_to_hub` uploads into `folder`: weights, config (with `auto_map`), generation
+    config, the draft's code for `trust_remote_code=True`, `custom_generate/` (LongSpec decoding for
+    `generate(..., custom_generate=<repo>)`), README.md (the model card, see [`card_base_model`]) and the
+    [`PUBLISHED_EXTRA_FILES`] found beside the weights the model was loaded from. The code files are written
+    from the package's sources (`longspec_hf.export`), so the repository works without longspec-hf."""
+    from ..export import write_custom_generate
+
     base_model = card_base_model(model, base_model)
     if card_template is not None:
         template = Path(card_template).read_text()
@@ -434,7 +451,8 @@ def write_hub_folder(
         )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_draft(model, folder)
+    save_draft(model, folder, remote_code=True)
+    write_custom_generate(folder)
     card.save(folder / "README.md")
     source = Path(model.name_or_path) if model.name_or_path else None
     if source is not None and source.is_dir() and source.resolve() != folder.resolve():

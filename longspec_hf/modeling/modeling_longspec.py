@@ -239,6 +239,14 @@ class LongSpecMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def is_longspec_draft(model) -> bool:
+    """Whether `model` is a LongSpec draft: a [`LongSpecDraftModel`] of this package or of a copy of its code
+    loaded with `trust_remote_code=True` (another class of the same name), told apart by its config's
+    model_type."""
+    config = getattr(model, "config", None)
+    return isinstance(model, PreTrainedModel) and getattr(config, "model_type", None) == LongSpecDraftConfig.model_type
+
+
 class LongSpecPreTrainedModel(PreTrainedModel):
     config_class = LongSpecDraftConfig
     config: LongSpecDraftConfig
@@ -287,9 +295,31 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         self.generation_config = GenerationConfig(tree_widths=list(config.tree_widths))
         self.post_init()
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        """Save weights and config as transformers does, plus `generation_config.json` (tree widths)."""
-        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, remote_code: bool = False, **kwargs):
+        """Save weights and config as transformers does, plus `generation_config.json` (tree widths).
+
+        With `remote_code=True` the folder also gets the draft's code as self-contained files
+        (`configuration_longspec.py`, `modeling_longspec.py` and the flat modules they import, written from
+        the package's sources by `longspec_hf.export`) and config.json an `auto_map` naming them, so that
+        `AutoModel.from_pretrained(folder, trust_remote_code=True)` loads the draft where longspec-hf is not
+        installed.
+        """
+        if not remote_code:
+            super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        else:
+            from ..export import AUTO_MAP, write_remote_code
+
+            if is_main_process:
+                write_remote_code(save_directory)  # first: a source that cannot be exported writes nothing else
+            had_auto_map, kept = hasattr(self.config, "auto_map"), getattr(self.config, "auto_map", None)
+            self.config.auto_map = dict(AUTO_MAP)
+            try:
+                super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+            finally:
+                if had_auto_map:
+                    self.config.auto_map = kept
+                else:
+                    del self.config.auto_map
         if is_main_process:
             self.generation_config.save_pretrained(save_directory)
 
@@ -302,9 +332,9 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         set the window, 512 by default). Raises a ValueError/OSError naming the problem for folders with
         missing or mis-shaped weights or a config of another model type.
         """
-        from . import conversion
+        from .conversion import HUB_KWARGS, OLD_LAYOUT_MODEL_TYPES, is_old_layout, load_old_layout
 
-        hub_kwargs = {k: kwargs[k] for k in conversion.HUB_KWARGS if k in kwargs}
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         config = kwargs.get("config")
         if not isinstance(config, LongSpecDraftConfig):
             config_dict = cls._checkpoint_config_dict(pretrained_model_name_or_path, hub_kwargs)
@@ -315,8 +345,8 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
                     "A LongSpec draft needs config.json (a LongSpecDraftConfig) beside its weights; re-download or re-save it."
                 )
             if model_type != LongSpecDraftConfig.model_type:
-                if conversion.is_old_layout(config_dict):
-                    return conversion.load_old_layout(
+                if is_old_layout(config_dict):
+                    return load_old_layout(
                         pretrained_model_name_or_path,
                         model_class=cls,
                         sliding_window=kwargs.get("sliding_window"),
@@ -326,7 +356,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
                 raise ValueError(
                     f"{pretrained_model_name_or_path} holds a config of model_type {model_type!r}, not a LongSpec draft "
                     f"('{LongSpecDraftConfig.model_type}') nor the published LongSpec layout "
-                    f"({', '.join(conversion.OLD_LAYOUT_MODEL_TYPES)}). Pass the folder or repo of a LongSpec draft."
+                    f"({', '.join(OLD_LAYOUT_MODEL_TYPES)}). Pass the folder or repo of a LongSpec draft."
                 )
         kwargs.pop("sliding_window", None)
         wants_info = kwargs.pop("output_loading_info", False)
@@ -389,7 +419,8 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
         **_unused,
     ):
         """Upload the draft (weights, config, generation config, the training log beside the weights it was
-        loaded from) and its model card to the Hub.
+        loaded from) and its model card to the Hub, with the code that runs it on transformers alone: the
+        draft's classes for `trust_remote_code=True` and `custom_generate/` (see `longspec_hf.export`).
 
         The card comes from `card_template`, else `hub_configs/<repo name>/README.md` of the installed
         package, else a generic one, with `{{ name }}` placeholders filled from `metrics` (e.g.
@@ -402,10 +433,10 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
 
         from huggingface_hub import HfApi
 
-        from . import conversion
+        from .conversion import write_hub_folder
 
         def write(folder):
-            return conversion.write_hub_folder(
+            return write_hub_folder(
                 self, folder, repo_id, card_template=card_template, metrics=metrics, base_model=base_model, license=license
             )
 
