@@ -10,9 +10,14 @@ import pytest
 import torch
 
 from longspec_hf import LongSpecDraftConfig, LongSpecDraftModel, LongSpecStats
+from longspec_hf.modeling import DEFAULT_TREE_WIDTHS
 
 from .conftest import make_draft, make_target
 from .test_equality import TREE_SHAPES, random_batch
+
+# The tree these tests were written for: a tiny target's automatic tree is no tree at all (a draft level
+# costs more than its whole forward), which would leave the compiled draft untested.
+DEFAULT_TREE = list(DEFAULT_TREE_WIDTHS)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -182,7 +187,9 @@ def test_compiled_draft_on_cuda_matches_plain_generate():
         kwargs = dict(attention_mask=mask.cuda(), max_new_tokens=rng.choice([9, 60]), do_sample=False)
         reference = target.generate(ids.cuda(), **kwargs)
         stats = LongSpecStats()
-        output = target.generate(ids.cuda(), assistant_model=draft, compile_draft=True, longspec_stats=stats, **kwargs)
+        output = target.generate(
+            ids.cuda(), assistant_model=draft, tree_widths=DEFAULT_TREE, compile_draft=True, longspec_stats=stats, **kwargs
+        )
         accepted.extend(stats.accepted_lengths)
         if not torch.equal(reference, output):
             mismatches.append(case)
@@ -245,6 +252,7 @@ def test_compiled_target_on_cuda_matches_plain_generate(lookup):
         output = target.generate(
             ids,
             assistant_model=draft,
+            tree_widths=DEFAULT_TREE,
             compile_draft=True,
             compile_target=True,
             prompt_lookup_branches=lookup,

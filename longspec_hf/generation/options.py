@@ -222,7 +222,7 @@ def _tree_widths(widths: Any) -> tuple[int, ...] | str:
         return AUTO
     if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
         raise ValueError(
-            f'tree_widths must be "auto" or a list of positive integers (nodes per tree level), got {widths!r}'
+            f'tree_widths must be a list of positive integers (nodes per tree level) or "auto", got {widths!r}'
         )
     for width in widths:
         if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
