@@ -16,6 +16,10 @@ from longspec_hf.generation.workspace import ATTRIBUTE
 from .conftest import make_draft, make_target
 from .test_equality import random_batch
 
+# A tiny target's automatic tree drafts nothing (a draft level costs more than its whole forward); these
+# tests are about the draft's state, so they name a tree.
+DRAFTING_TREE = [4, 16, 16, 16, 16]
+
 
 def kept(draft):
     return draft.__dict__.get(ATTRIBUTE)
@@ -124,7 +128,10 @@ def test_a_reused_workspace_drafts_exactly_like_a_fresh_one():
 
     def accepted(prompt):
         stats = LongSpecStats()
-        target.generate(prompt, assistant_model=draft, max_new_tokens=40, do_sample=False, longspec_stats=stats)
+        target.generate(
+            prompt, assistant_model=draft, tree_widths=DRAFTING_TREE, max_new_tokens=40, do_sample=False,
+            longspec_stats=stats,
+        )
         return stats.accepted_lengths
 
     accepted(before)
@@ -190,7 +197,8 @@ def test_compiled_draft_drafts_like_the_eager_one_in_its_own_workspace():
     def run(**kwargs):
         stats = LongSpecStats()
         out = target.generate(
-            ids, assistant_model=draft, max_new_tokens=30, do_sample=False, longspec_stats=stats, **kwargs
+            ids, assistant_model=draft, tree_widths=DRAFTING_TREE, max_new_tokens=30, do_sample=False,
+            longspec_stats=stats, **kwargs
         )
         return out, stats.accepted_lengths, kept(draft)
 
@@ -230,7 +238,9 @@ def test_compiled_target_verifies_like_the_eager_one():
 
     def run(**options):
         stats = LongSpecStats()
-        out = target.generate(ids, assistant_model=draft, longspec_stats=stats, **kwargs, **options)
+        out = target.generate(
+            ids, assistant_model=draft, tree_widths=DRAFTING_TREE, longspec_stats=stats, **kwargs, **options
+        )
         return out, stats.accepted_lengths
 
     eager_out, eager_accepted = run()

@@ -23,7 +23,8 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import logging
 
 from ..modeling import LongSpecDraftModel, check_supported_target, is_longspec_draft
-from . import _compat, tree_sizing
+from . import _compat
+from .tree_sizing import choose_tree_widths, context_bucket, round_cost
 from .decoding import decode
 from .options import NOT_GIVEN, LongSpecOptions, TreeSizer
 
@@ -121,8 +122,8 @@ def _tree_sizer(target: PreTrainedModel, draft: LongSpecDraftModel, batch_size: 
         )
 
     def size_tree(largest, lookup_nodes):
-        cost = tree_sizing.round_cost(target, draft, batch_size, tree_sizing.context_bucket(max_length))
-        return tree_sizing.choose_tree_widths(cost, lookup_nodes, largest=largest, **prior)
+        cost = round_cost(target, draft, batch_size, context_bucket(max_length))
+        return choose_tree_widths(cost, lookup_nodes, largest=largest, **prior)
 
     return size_tree
 
