@@ -1,14 +1,15 @@
 """Time to the first LongSpec token of a fresh process, with cold and warm compile caches.
 
-    PYTHONPATH=. python bench/first_call.py --target /root/smollm2 --gguf-file model.gguf --out-dir $OUT
+    PYTHONPATH=. python bench/first_call.py --target /root/smollm2 --gguf-file model.gguf --runs 2 --out-dir $OUT
     PYTHONPATH=. python bench/first_call.py --target random --layout tiny --device cpu \
         --context 64 --max-new-tokens 16 --runs 2 --out-dir /tmp/first_call          # CPU smoke test
 
 With `compile_draft=True, compile_target=True` the first call of a process compiles its steps. For each
 mode (`no_draft`: `tree_widths=[]`; `tree`: the draft's tree; `hybrid`: the tree with two prompt-lookup
 chains) this runs `--runs` Python processes one after another, each making one `generate` call: the first
-with an empty compile cache folder (`LONGSPEC_HF_COMPILE_CACHE`; Triton's and Inductor's own default
-folders are emptied too), the next ones finding what the earlier ones stored. Each process reports, in
+with an empty compile cache folder (`LONGSPEC_HF_COMPILE_CACHE`, and empty folders of its own for what
+torch and Triton compile outside LongSpec's compiled steps), the next ones finding what the earlier ones
+stored (under `--cache-dir`, a temporary folder by default). Each process reports, in
 seconds from its launch: `ready` (imports and models loaded, the call starts), `first token` (the
 streamer gets the token of the prefill), `first round` (the streamer gets the tokens of the first
 LongSpec round: draft, verify, accept; the "first LongSpec token"), `end` (the call returned), and the
@@ -23,11 +24,13 @@ CPU smoke test); random targets get random prompts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -220,6 +223,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--out-dir", default=os.environ.get("OUT", "."))
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the runs' compile caches go (default: a temporary folder, removed at the end)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
@@ -230,7 +235,9 @@ def main() -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
-    results = [result for mode in args.modes for result in run_mode(args, mode, out / "caches")]
+    with contextlib.ExitStack() as stack:
+        caches = Path(args.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="first_call_")))
+        results = [result for mode in args.modes for result in run_mode(args, mode, caches)]
     settings = {name: value for name, value in vars(args).items() if name not in ("child", "mode", "launched")}
     (out / "first_call.json").write_text(json.dumps({"settings": settings, "runs": results}, indent=2) + "\n")
     device = results[0]["device"] if results else "?"
