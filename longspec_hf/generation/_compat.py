@@ -57,10 +57,11 @@ def dynamic_cache_holding(config, keys_values: list[tuple[torch.Tensor, torch.Te
     """A `DynamicCache` for `config` (its layer types, as `generate` builds it) whose layer `i` holds
     `keys_values[i]`, `(B, Hkv, length, D)` each, without copying them.
 
-    `DynamicCache(ddp_cache_data=...)` would copy every layer (its layers grow by concatenation), so the
-    layers' tensors are set directly: `DynamicLayer.keys` / `.values` (after `lazy_initialization`, which
-    records device and dtype) and, for sliding-window layers, `cumulative_length` with only the last
-    `sliding_window - 1` positions kept, as their `update` keeps them.
+    `DynamicCache(ddp_cache_data=...)` would copy every layer (its layers grow by concatenation), so each
+    layer is initialised by an `update` with no positions (which sets up its device and dtype in whatever
+    way the installed version does) and then given its tensors directly: `DynamicLayer.keys` / `.values`
+    and, for sliding-window layers, `cumulative_length`, with only the last `sliding_window - 1` positions
+    kept, as their `update` keeps them.
     """
     from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -73,7 +74,7 @@ def dynamic_cache_holding(config, keys_values: list[tuple[torch.Tensor, torch.Te
             keys, values = keys[:, :, start:], values[:, :, start:]
         elif type(layer) is not DynamicLayer:
             raise NotImplementedError(f"returning LongSpec's cache as a {type(layer).__name__} is not supported")
-        layer.lazy_initialization(keys, values)
+        layer.update(keys[:, :, :0], values[:, :, :0])
         layer.keys, layer.values = keys, values
         if type(layer) is DynamicSlidingWindowLayer:
             layer.cumulative_length = length
