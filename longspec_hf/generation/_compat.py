@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
-from transformers.generation.utils import GenerationMixin
+from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 # `GenerationMixin.generate` is public, but replacing it on the class is how `generate(...,
 # assistant_model=<LongSpecDraftModel>)` reaches LongSpec: kept here to call it and to restore it.
@@ -51,3 +51,38 @@ def eager_attention(module: torch.nn.Module) -> Callable:
     if function is None:
         raise RuntimeError(f"{type(module).__module__} defines no eager_attention_forward to fall back on")
     return function
+
+
+def dynamic_cache_holding(config, keys_values: list[tuple[torch.Tensor, torch.Tensor]], length: int):
+    """A `DynamicCache` for `config` (its layer types, as `generate` builds it) whose layer `i` holds
+    `keys_values[i]`, `(B, Hkv, length, D)` each, without copying them.
+
+    `DynamicCache(ddp_cache_data=...)` would copy every layer (its layers grow by concatenation), so each
+    layer is initialised by an `update` with no positions (which sets up its device and dtype in whatever
+    way the installed version does) and then given its tensors directly: `DynamicLayer.keys` / `.values`
+    and, for sliding-window layers, `cumulative_length`, with only the last `sliding_window - 1` positions
+    kept, as their `update` keeps them.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != len(keys_values):
+        raise RuntimeError(f"DynamicCache(config) has {len(cache.layers)} layers, the target cache {len(keys_values)}")
+    for layer, (keys, values) in zip(cache.layers, keys_values):
+        if type(layer) is DynamicSlidingWindowLayer:
+            start = max(length - (layer.sliding_window - 1), 0)
+            keys, values = keys[:, :, start:], values[:, :, start:]
+        elif type(layer) is not DynamicLayer:
+            raise NotImplementedError(f"returning LongSpec's cache as a {type(layer).__name__} is not supported")
+        layer.update(keys[:, :, :0], values[:, :, :0])
+        layer.keys, layer.values = keys, values
+        if type(layer) is DynamicSlidingWindowLayer:
+            layer.cumulative_length = length
+    return cache
+
+
+def cache_output_field() -> str:
+    """The field of `GenerateDecoderOnlyOutput` that holds the call's cache: `past_key_values` in older
+    releases (5.17), `cache` in newer ones (5.24, where `past_key_values` is a deprecated alias of it)."""
+    fields = GenerateDecoderOnlyOutput.__dataclass_fields__
+    return "cache" if "cache" in fields else "past_key_values"

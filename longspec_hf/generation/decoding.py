@@ -47,6 +47,7 @@ from .options import LongSpecOptions
 from .output import OutputCollector
 from .processing import SCORES_ONLY_PROCESSORS, tree_scores
 from .retrieval import NgramIndex
+from .returned_cache import returned_past_key_values
 from .sampling import resolve_sampling_rule
 from .stats import LongSpecStats
 from .tree import ChainLayout, DraftTree, GreedyAcceptance, accept_greedy
@@ -110,7 +111,8 @@ def decode(
             while not output.all_done:
                 session.round()
         session.stats.draft_cache_nbytes = workspace.drafter.cache.nbytes()
-    return output.finish(input_ids, generation_config.return_dict_in_generate)
+        cache = returned_past_key_values(target, draft, workspace, input_ids.shape[1], output, generation_config)
+    return output.finish(input_ids, generation_config.return_dict_in_generate, cache)
 
 
 def _output_collector(

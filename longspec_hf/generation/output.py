@@ -11,6 +11,8 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from . import _compat
+
 
 class OutputCollector:
     """Collects each row's generated tokens and applies max length, EOS and stopping criteria per token."""
@@ -118,8 +120,11 @@ class OutputCollector:
             )
         return tuple(steps)
 
-    def finish(self, input_ids: torch.Tensor, return_dict: bool) -> torch.Tensor | GenerateDecoderOnlyOutput:
-        """What `generate` returns: the sequences, or with `return_dict` also per-step scores/logits."""
+    def finish(
+        self, input_ids: torch.Tensor, return_dict: bool, past_key_values=None
+    ) -> torch.Tensor | GenerateDecoderOnlyOutput:
+        """What `generate` returns: the sequences, or with `return_dict` also per-step scores/logits and the
+        target's cache `past_key_values` (`returned_cache.committed_cache`)."""
         if self.streamer is not None:
             self._stream(final=True)
             self.streamer.end()
@@ -128,4 +133,5 @@ class OutputCollector:
             return sequences
         scores = self.per_step(self.scores) if self.scores else None
         logits = self.per_step(self.logits) if self.logits else None
-        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits)
+        cache = {_compat.cache_output_field(): past_key_values}
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits, **cache)

@@ -260,6 +260,12 @@ def release_workspace(draft: LongSpecDraftModel) -> None:
 
 def _release_if_kept(draft_ref: weakref.ref, workspace_ref: weakref.ref) -> None:
     """When a target is deleted: drop the workspace kept for it, if the draft still keeps that one."""
-    draft = draft_ref()
-    if draft is not None and workspace_ref() is not None and draft.__dict__.get(ATTRIBUTE) is workspace_ref():
+    draft, workspace = draft_ref(), workspace_ref()
+    if draft is not None and workspace is not None:
+        stop_keeping(draft, workspace)
+
+
+def stop_keeping(draft: LongSpecDraftModel, workspace: DecodingWorkspace) -> None:
+    """Make sure no later call reuses `workspace`'s buffers: `draft` no longer keeps it (if it did)."""
+    if draft.__dict__.get(ATTRIBUTE) is workspace:
         release_workspace(draft)
