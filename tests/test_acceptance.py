@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import GenerationConfig
 
 from longspec_hf import LongSpecStats
 
@@ -23,8 +24,11 @@ def agreeing_pair(vocab_size: int = 256):
         for projection in (draft.self_attn.o_proj, draft.cross_attn.o_proj, draft.mlp.down_proj):
             projection.weight.normal_(std=1e-3)
     # The automatic tree of so small a target is no tree (a draft level costs more than its forward):
-    # the generation config names the one these tests draft with.
-    target.generation_config.tree_widths = [4, 16, 16, 16, 16]
+    # the generation config names the one these tests draft with (a config of its own, not one derived
+    # from the model config, which from_pretrained would derive again without it).
+    target.generation_config = GenerationConfig(
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tree_widths=[4, 16, 16, 16, 16]
+    )
     return target, draft
 
 

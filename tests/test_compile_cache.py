@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -38,7 +39,7 @@ def fresh_keys():
 def test_every_version_and_the_device_select_their_own_folder(monkeypatch, tmp_path, fresh_keys):
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, str(tmp_path))
     folders = {compile_cache_dir("cpu")}
-    assert compile_cache_key("cpu")["longspec_hf"] == longspec_hf.__version__
+    assert compile_cache_key("cpu")["longspec_hf"] == importlib.metadata.version("longspec-hf") == longspec_hf.__version__
 
     def changed(module, attribute: str = "__version__") -> None:
         monkeypatch.setattr(module, attribute, "9.9.9-changed")
@@ -47,7 +48,9 @@ def test_every_version_and_the_device_select_their_own_folder(monkeypatch, tmp_p
 
     changed(torch)
     changed(transformers)
-    changed(longspec_hf)
+    monkeypatch.setattr(compiling, "_package_version", lambda: "9.9.9-changed")
+    compiling._cached_key.cache_clear()
+    folders.add(compile_cache_dir("cpu"))
     monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="0.0.1"))
     compiling._cached_key.cache_clear()
     folders.add(compile_cache_dir("cpu"))

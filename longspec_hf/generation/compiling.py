@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import json
 import os
 import platform
@@ -71,6 +72,15 @@ def call_model(model: torch.nn.Module, **inputs):
 
 
 # ----- persistent caches ------------------------------------------------------------------------------------
+def _package_version() -> str:
+    """The installed longspec-hf version (read from its metadata: this module does not import the package's
+    root, and runs also in exported folders where no package is installed)."""
+    try:
+        return importlib.metadata.version("longspec-hf")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def compile_cache_key(device: torch.device | str) -> dict[str, str]:
     """What compiled code depends on beyond its own source: every version that could change it and the
     device it was built for. A new version of any of them gets a new cache folder."""
@@ -83,8 +93,6 @@ def compile_cache_key(device: torch.device | str) -> dict[str, str]:
         triton_version = "none"
     import transformers
 
-    from .. import __version__
-
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         device_name = f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
@@ -94,7 +102,7 @@ def compile_cache_key(device: torch.device | str) -> dict[str, str]:
     return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "longspec_hf": __version__,
+        "longspec_hf": _package_version(),
         "triton": triton_version,
         "python": platform.python_version(),
         "device": device_name,
