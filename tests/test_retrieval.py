@@ -426,7 +426,11 @@ def test_adaptive_mode_output_and_stats(llama_pair):
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(3))
     reference = target.generate(ids, max_new_tokens=50, do_sample=False)
     stats = LongSpecStats()
-    output = target.generate(ids, assistant_model=draft, adaptive=True, max_new_tokens=50, do_sample=False, longspec_stats=stats)
+    # The draft's own tree (a tiny target's automatic tree is no tree: nothing to plan).
+    output = target.generate(
+        ids, assistant_model=draft, tree_widths=draft.config.tree_widths, adaptive=True, max_new_tokens=50,
+        do_sample=False, longspec_stats=stats,
+    )
     assert torch.equal(output, reference)
     assert 0 < stats.drafted_rounds <= stats.rounds
     # Round costs are kept with the workspace (by plan), adaptive or not.
