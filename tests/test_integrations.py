@@ -85,3 +85,28 @@ def test_peft_target_batched_with_attention_mask():
         input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, assistant_model=draft
     )
     assert torch.equal(plain, spec)
+
+
+def test_a_target_offloaded_by_accelerate_matches_plain_generate(tmp_path):
+    """`from_pretrained(..., device_map=...)` with a layer offloaded to disk (accelerate loads its weights
+    at each forward through hooks): LongSpec's cache and forwards run through the same hooks."""
+    from transformers import AutoModelForCausalLM
+
+    make_target("llama", seed=3).save_pretrained(tmp_path / "target")
+    device_map = {
+        "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+        "model.norm": "cpu", "lm_head": "cpu",
+    }
+    target = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "target", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    assert target.hf_device_map["model.layers.1"] == "disk"
+    draft = make_draft(target)
+    ids = torch.randint(3, 96, (2, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    ids[1, :6], mask[1, :6] = 0, 0
+    reference = target.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    output = target.generate(
+        ids, attention_mask=mask, assistant_model=draft, tree_widths=[2, 2], max_new_tokens=20, do_sample=False
+    )
+    assert torch.equal(output, reference)
