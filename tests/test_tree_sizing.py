@@ -75,7 +75,7 @@ def test_the_8b_layout_gets_the_full_tree_at_4k_and_a_tree_of_one_attention_tile
     chosen = {}
     for context in (4096, 131072):
         cost = tree_sizing.round_cost(*llama_8b, batch_size=1, context=context, hardware=tree_sizing.CUDA)
-        chosen[context] = widths = tree_sizing.choose_tree_widths(cost)
+        chosen[context] = widths = tree_sizing.choose_round_shape(cost).tree_widths
         assert widths, "a draft that pays must be used"
         step = cost.round(())
         # The choice is the best of the ladder under the model, not just a smaller tree.
@@ -90,13 +90,13 @@ def test_a_small_target_on_a_gpu_keeps_the_full_tree_at_the_test_beds_contexts()
     target, draft = meta_pair(SMOLLM2, draft_vocab_size=16384)
     for context in (1024, 4096, 8192):
         cost = tree_sizing.round_cost(target, draft, batch_size=1, context=context, hardware=tree_sizing.CUDA)
-        assert tree_sizing.choose_tree_widths(cost) == DEFAULT_TREE_WIDTHS
+        assert tree_sizing.choose_round_shape(cost).tree_widths == DEFAULT_TREE_WIDTHS
 
 
 def test_the_choice_stays_within_the_largest_tree_and_drafts_nothing_when_no_tree_pays(llama_8b):
     cost = tree_sizing.round_cost(*llama_8b, batch_size=1, context=4096, hardware=tree_sizing.CUDA)
     largest = (2, 4, 4)
-    widths = tree_sizing.choose_tree_widths(cost, largest=largest)
+    widths = tree_sizing.choose_round_shape(cost, largest=largest).tree_widths
     assert len(widths) <= len(largest) and all(w <= cap for w, cap in zip(widths, largest))
     assert all(
         len(tree) <= len(largest) and all(w <= cap for w, cap in zip(tree, largest))
@@ -105,11 +105,11 @@ def test_the_choice_stays_within_the_largest_tree_and_drafts_nothing_when_no_tre
     # A draft level dearer than a whole step: one-token steps are faster.
     slow_draft = tree_sizing.Hardware(**{**tree_sizing.CUDA.__dict__, "level_seconds": 1.0})
     slow = tree_sizing.round_cost(*llama_8b, batch_size=1, context=4096, hardware=slow_draft)
-    assert tree_sizing.choose_tree_widths(slow) == ()
+    assert tree_sizing.choose_round_shape(slow).tree_widths == ()
     # Lookup-chain nodes count in the verify cost: many of them push the choice to a smaller tree.
     long = tree_sizing.round_cost(*llama_8b, batch_size=1, context=131072, hardware=tree_sizing.CUDA)
-    alone = tree_sizing.choose_tree_widths(long)
-    with_chains = tree_sizing.choose_tree_widths(long, lambda widths: 64)
+    alone = tree_sizing.choose_round_shape(long).tree_widths
+    with_chains = tree_sizing.choose_round_shape(long, lambda widths: 64).tree_widths
     assert sum(with_chains) <= sum(alone)
 
 
@@ -128,12 +128,12 @@ def test_contexts_are_bucketed_to_powers_of_two():
 
 
 # ----- resolution --------------------------------------------------------------------------------------
-def recording_sizer(answer):
+def recording_sizer(answer, lookup=(0, None)):
     calls = []
 
-    def size_tree(largest, lookup_nodes):
+    def size_tree(largest, lookup_nodes, choose_lookup):
         calls.append((largest, lookup_nodes(answer)))
-        return answer
+        return tree_sizing.RoundShape(answer, *lookup) if choose_lookup else tree_sizing.RoundShape(answer)
 
     return size_tree, calls
 
@@ -172,7 +172,7 @@ def test_generate_without_a_tree_decodes_with_the_automatic_one_and_equals_plain
     plain = target.generate(prompt, max_new_tokens=24, do_sample=False)
     assert torch.equal(out, plain)
     cost = tree_sizing.round_cost(target, draft, 1, tree_sizing.context_bucket(64))
-    assert stats.tree_widths == tree_sizing.choose_tree_widths(cost, largest=tuple(draft.generation_config.tree_widths))
+    assert stats.tree_widths == tree_sizing.choose_round_shape(cost, largest=tuple(draft.generation_config.tree_widths)).tree_widths
 
 
 def test_a_malformed_acceptance_prior_is_refused_before_any_forward():
@@ -187,3 +187,43 @@ def test_a_malformed_acceptance_prior_is_refused_before_any_forward():
     finally:
         handle.remove()
     assert forwards == []
+
+
+# ----- lookup chains chosen from the prompt ----------------------------------------------------------------
+def test_a_prompt_that_repeats_itself_gets_a_lookup_chain_and_one_that_does_not_gets_none(llama_8b):
+    cost = tree_sizing.round_cost(*llama_8b, batch_size=1, context=32768, hardware=tree_sizing.CUDA)
+    assert tree_sizing.choose_round_shape(cost, lookup_matches=[0] * 500).lookup_branches == 0
+    repeating = tree_sizing.choose_round_shape(cost, lookup_matches=[16] * 500)
+    assert repeating.lookup_branches == 1 and repeating.lookup_length == 16
+    # Where chains always match in full, a draft tree adds cost and no tokens.
+    assert repeating.tree_widths == ()
+    # One position in five repeats: the tree serves the others, beside the chain.
+    mixed = tree_sizing.choose_round_shape(cost, lookup_matches=[0, 0, 0, 0, 16] * 100)
+    assert mixed.lookup_branches == 1 and mixed.tree_widths
+
+
+def test_the_prompts_lookup_matches_are_what_a_chain_would_have_matched():
+    from longspec_hf.generation.retrieval import prompt_lookup_matches
+
+    segment = list(range(10, 40))
+    matches = prompt_lookup_matches(segment * 4, length=8)
+    assert len(matches) == len(segment) * 4 - 8 - 1
+    assert all(m == 8 for m in matches[len(segment):])  # from the second repeat on, every chain matches
+    assert prompt_lookup_matches(list(range(100, 400)), length=8) == [0] * (300 - 8 - 1)
+
+
+def test_automatic_lookup_chains_decode_exactly_and_only_when_not_given():
+    target = make_target("llama", seed=3)
+    draft = make_draft(target)
+    segment = torch.randint(3, 96, (25,), generator=torch.Generator().manual_seed(5))
+    prompt = segment.repeat(6)[None]
+    plain = target.generate(prompt, max_new_tokens=40, do_sample=False)
+    stats = LongSpecStats()
+    out = target.generate(prompt, assistant_model=draft, max_new_tokens=40, do_sample=False, longspec_stats=stats)
+    assert torch.equal(out, plain)
+    assert stats.mean_retrieval_accepted > 0  # the chain the call chose itself was accepted
+    stats = LongSpecStats()
+    out = target.generate(
+        prompt, assistant_model=draft, max_new_tokens=40, do_sample=False, prompt_lookup_branches=0, longspec_stats=stats
+    )
+    assert torch.equal(out, plain) and stats.mean_retrieval_accepted == 0

@@ -24,7 +24,8 @@ from transformers.utils import logging
 
 from ..modeling import LongSpecDraftModel, check_supported_target, is_longspec_draft
 from . import _compat
-from .tree_sizing import choose_tree_widths, context_bucket, round_cost
+from .retrieval import prompt_lookup_matches
+from .tree_sizing import LOOKUP_LENGTHS, choose_round_shape, context_bucket, round_cost
 from .decoding import decode
 from .options import NOT_GIVEN, LongSpecOptions, TreeSizer
 
@@ -95,7 +96,7 @@ def generate(
         generation_config=generation_config,
         draft_generation_config=getattr(draft, "generation_config", None),
         max_new_tokens=max_new_tokens,
-        size_tree=_tree_sizer(model, draft, input_ids.shape[0], generation_config.max_length),
+        size_tree=_tree_sizer(model, draft, input_ids, attention_mask, generation_config.max_length),
     )
     return decode(
         model,
@@ -110,9 +111,13 @@ def generate(
     )
 
 
-def _tree_sizer(target: PreTrainedModel, draft: LongSpecDraftModel, batch_size: int, max_length: int) -> TreeSizer:
-    """The automatic tree of a call (`tree_sizing.py`): its cost model at the call's context length, the
-    draft's acceptance prior (its generation config's `acceptance_prior`, else the default one)."""
+def _tree_sizer(
+    target: PreTrainedModel, draft: LongSpecDraftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    max_length: int,
+) -> TreeSizer:
+    """The automatic round of a call (`tree_sizing.py`): its cost model at the call's context length, the
+    draft's acceptance prior (its generation config's `acceptance_prior`, else the default one) and, when
+    it may add lookup chains, what they would have matched along the prompt itself."""
 
     prior = getattr(getattr(draft, "generation_config", None), "acceptance_prior", None) or {}
     if not isinstance(prior, dict) or not set(prior) <= {"top1", "width_exponent"}:
@@ -121,9 +126,15 @@ def _tree_sizer(target: PreTrainedModel, draft: LongSpecDraftModel, batch_size: 
             f"'width_exponent' (see longspec_hf.generation.tree_sizing), got {prior!r}. Fix or remove it."
         )
 
-    def size_tree(largest, lookup_nodes):
-        cost = round_cost(target, draft, batch_size, context_bucket(max_length))
-        return choose_tree_widths(cost, lookup_nodes, largest=largest, **prior)
+    def size_tree(largest, lookup_nodes, choose_lookup):
+        cost = round_cost(target, draft, input_ids.shape[0], context_bucket(max_length))
+        matches = None
+        if choose_lookup:
+            rows = input_ids.tolist() if attention_mask is None else [
+                [token for token, kept in zip(row, mask) if kept] for row, mask in zip(input_ids.tolist(), attention_mask.tolist())
+            ]
+            matches = [match for row in rows for match in prompt_lookup_matches(row, max(LOOKUP_LENGTHS))]
+        return choose_round_shape(cost, lookup_nodes, largest=largest, lookup_matches=matches, **prior)
 
     return size_tree
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..modeling import DEFAULT_TREE_WIDTHS
 from .retrieval import branch_length
+from .tree_sizing import RoundShape
 from .sampling import DEFAULT_SAMPLING_RULE, SAMPLING_RULES
 from .stats import LongSpecStats
 
@@ -36,8 +37,9 @@ NOT_GIVEN = _NotGiven()
 # models' shapes (`tree_sizing.py`), within the draft's generation config's tree.
 AUTO = "auto"
 
-# Chooses the automatic tree: (the largest tree allowed, lookup-chain nodes a tree adds) -> widths.
-TreeSizer = Callable[[tuple[int, ...], Callable[[tuple[int, ...]], int]], tuple[int, ...]]
+# Chooses the automatic round: (the largest tree allowed, lookup-chain nodes the call fixed for a tree,
+# whether it may choose lookup chains too) -> the round's shape.
+TreeSizer = Callable[[tuple[int, ...], Callable[[tuple[int, ...]], int], bool], RoundShape]
 
 # The keywords of `generate` that a LongSpec call takes (their meaning: the fields below).
 KEYWORDS = (
@@ -64,7 +66,8 @@ class LongSpecOptions:
         tree_widths: nodes per level of the draft's tree, e.g. `(4, 16, 16, 16, 16)`; `()` drafts
             nothing (one token per target forward, through LongSpec's cache). `"auto"` (the default)
             is resolved per call to the tree with the most expected tokens per second at the call's
-            context length, no larger than the draft generation config's `tree_widths`.
+            context length, no larger than the draft generation config's `tree_widths`; with
+            `prompt_lookup_branches` not given it may add a lookup chain, when the prompt repeats itself.
         auto_tree: whether `tree_widths` was chosen automatically.
         sampling_rule: with `do_sample=True`, how trees are drawn and verified (`sampling.py`).
         prompt_lookup_branches: chains found by n-gram lookup in the prompt and the output, hung under
@@ -148,7 +151,7 @@ class LongSpecOptions:
             given["tree_widths"] = generation_config.tree_widths
         options = cls(**{name: _checked(name, value) for name, value in given.items()})
         if options.tree_widths == AUTO:
-            options = options._sized(draft_generation_config, size_tree)
+            options = options._sized(draft_generation_config, size_tree, "prompt_lookup_branches" not in given)
         if options.prompt_lookup_branches == 0:
             for name in ("prompt_lookup_length", "prompt_lookup_under_draft"):
                 if name in given and given[name] not in (False,):
@@ -175,8 +178,8 @@ class LongSpecOptions:
         return options
 
 
-    def _sized(self, draft_generation_config: Any, size_tree: TreeSizer | None) -> "LongSpecOptions":
-        """These options with the automatic tree chosen by `size_tree`."""
+    def _sized(self, draft_generation_config: Any, size_tree: TreeSizer | None, choose_lookup: bool) -> "LongSpecOptions":
+        """These options with the automatic tree (and, with `choose_lookup`, lookup chains) of `size_tree`."""
         largest = getattr(draft_generation_config, "tree_widths", None)
         largest = _tree_widths(largest) if largest is not None and largest != AUTO else DEFAULT_TREE_WIDTHS
 
@@ -184,8 +187,11 @@ class LongSpecOptions:
             with_widths = dataclasses.replace(self, tree_widths=widths)
             return with_widths.max_tree_nodes - 1 - sum(widths)
 
-        widths = size_tree(largest, lookup_nodes) if size_tree is not None else largest
-        return dataclasses.replace(self, tree_widths=tuple(widths), auto_tree=True)
+        shape = size_tree(largest, lookup_nodes, choose_lookup) if size_tree is not None else RoundShape(largest)
+        lookup = {}
+        if shape.lookup_branches:
+            lookup = dict(prompt_lookup_branches=shape.lookup_branches, prompt_lookup_length=shape.lookup_length)
+        return dataclasses.replace(self, tree_widths=tuple(shape.tree_widths), auto_tree=True, **lookup)
 
 
 def _checked(name: str, value: Any) -> Any:

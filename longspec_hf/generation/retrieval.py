@@ -128,6 +128,20 @@ class NgramIndex:
         return padded
 
 
+def prompt_lookup_matches(row: list[int], length: int, positions: int = 1024, history: int = 8192) -> list[int]:
+    """What one lookup chain of `length` tokens would have gained along the row's own text, measured
+    before any forward: for each of the row's last `positions` positions `i` whose next `length` tokens
+    are known, how many of them the best continuation looked up in the `history` tokens before it
+    matches (bounded, so that a long prompt costs the host milliseconds)."""
+    first = max(1, len(row) - length - positions)
+    index = NgramIndex([row[max(0, first - history) : first]])
+    matches = []
+    for i in range(first, len(row) - length):
+        index.extend(0, [row[i]])
+        matches.append(chain_match(index.continuations(0, 1, length), row[i + 1 : i + 1 + length]))
+    return matches
+
+
 def find_continuations(
     tokens: torch.Tensor,
     seq_len: torch.Tensor,

@@ -4,7 +4,7 @@ A round's tree of `N` nodes gains `E(widths)` tokens (expected) and costs one ta
 nodes plus one draft pass per level. Both depend on the shapes: at 4k tokens a 69-node tree costs an
 8B target 1.6x a one-token step, at 128k 2.5x (its verify attention reads the long prefix once per
 128 query rows, and 69 nodes x 4 grouped heads are three such tiles), while a 135M target's round
-costs the same with 15 nodes or 69, kernel launches being most of it. [`choose_tree_widths`] scores
+costs the same with 15 nodes or 69, kernel launches being most of it. [`choose_round_shape`] scores
 a ladder of trees by `E / cost` and takes the best:
 
 - `E(widths) = 1 + sum_d prod_{k <= d} a(w_k)`, where `a(w) = 1 - (1 - top1) * w ** -width_exponent`
@@ -210,20 +210,46 @@ def context_bucket(num_tokens: int) -> int:
     return max(1024, 2 ** round(math.log2(max(1, num_tokens))))
 
 
-def choose_tree_widths(
+@dataclass(frozen=True)
+class RoundShape:
+    """What a round verifies: the draft tree's level widths and the prompt-lookup chains under its root."""
+
+    tree_widths: tuple[int, ...]
+    lookup_branches: int = 0
+    lookup_length: int | None = None
+
+
+# Lookup chains the automatic choice considers: one chain of one of these lengths, or none.
+LOOKUP_LENGTHS = (5, 8, 16)
+
+
+def choose_round_shape(
     cost: RoundCost,
     extra_nodes: Callable[[tuple[int, ...]], int] = lambda widths: 0,
     *,
     largest: tuple[int, ...] = DEFAULT_TREE_WIDTHS,
     top1: float = DEFAULT_TOP1_ACCEPTANCE,
     width_exponent: float = DEFAULT_WIDTH_EXPONENT,
-) -> tuple[int, ...]:
-    """The tree of [`candidate_trees`]`(largest)` with the most expected tokens per second, or `()`
-    (no draft) when none beats one-token steps. `extra_nodes(widths)` counts the lookup-chain nodes a
-    round of that tree also verifies."""
-    best, best_rate = (), 1.0 / cost.round((), extra_nodes(()))
-    for widths in candidate_trees(largest):
-        rate = expected_tokens(widths, top1, width_exponent) / cost.round(widths, extra_nodes(widths))
-        if rate > best_rate:
-            best, best_rate = widths, rate
-    return best
+    lookup_matches: list[int] | None = None,
+) -> RoundShape:
+    """The round with the most expected tokens per second: a tree of [`candidate_trees`]`(largest)` or
+    `()` (no draft), and, when `lookup_matches` is given, one lookup chain of `LOOKUP_LENGTHS` or none.
+
+    `extra_nodes(widths)` counts lookup-chain nodes the call fixed itself. `lookup_matches` are the
+    prompt's own chain matches ([`retrieval.prompt_lookup_matches`]): at a position where a chain
+    matches `c` tokens, the round gains the longer of the chain's `min(c, L)` and the tree's expected
+    gain `t`, so a chain adds `mean(max(t, min(c, L))) - t` tokens (the tree serves where the chain
+    fails, the chain where the text repeats itself).
+    """
+    shapes = [RoundShape(())] + [RoundShape(widths) for widths in candidate_trees(largest)]
+    if lookup_matches:
+        shapes += [RoundShape(s.tree_widths, 1, length) for s in list(shapes) for length in LOOKUP_LENGTHS]
+
+    def tokens_per_second(shape: RoundShape) -> float:
+        gain = expected_tokens(shape.tree_widths, top1, width_exponent) - 1.0
+        if shape.lookup_branches:
+            gain = sum(max(gain, min(c, shape.lookup_length)) for c in lookup_matches) / len(lookup_matches)
+        nodes = extra_nodes(shape.tree_widths) + shape.lookup_branches * (shape.lookup_length or 0)
+        return (1.0 + gain) / cost.round(shape.tree_widths, nodes)
+
+    return max(shapes, key=tokens_per_second)  # the first of equals: no draft before any tree
