@@ -125,9 +125,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     on_cuda = device.startswith("cuda")
     context = args.context or (4096 if on_cuda else 1024)
     ids = tokenizer(text, return_tensors="pt").input_ids[:, -context:].to(device)
-    # The hybrid tree: the draft's tree plus prompt-lookup chains (long prompts repeat themselves). On a
-    # CPU, verification cost grows with every tree node: a short chain and one short lookup chain, with
-    # each round planned from measured costs (`adaptive`), are the better trade there.
+    # On a GPU, the hybrid tree: the draft's tree plus two prompt-lookup chains (long prompts repeat
+    # themselves). On a CPU, LongSpec's defaults: the round chosen for the context and the prompt (there,
+    # a small tree and a lookup chain: a forward over many tree nodes costs a CPU dearly).
     if on_cuda:
         longspec = dict(assistant_model=draft, prompt_lookup_branches=2)
         described = "the draft's tree + 2 lookup chains"
@@ -135,10 +135,8 @@ def _run_demo(args: argparse.Namespace) -> int:
             longspec.update(compile_draft=True, compile_target=True)
             described += ", compiled"
     else:
-        longspec = dict(
-            assistant_model=draft, tree_widths=[1, 1, 1], prompt_lookup_branches=1, prompt_lookup_length=5, adaptive=True
-        )
-        described = "chain [1, 1, 1] + 1 lookup chain of 5 tokens, adaptive"
+        longspec = dict(assistant_model=draft)
+        described = "the defaults (tree and lookup chains chosen for the context and the prompt)"
     print(f"SmolLM2-135M-Instruct on {device} ({str(dtype).removeprefix('torch.')}), prompt {ids.shape[1]} tokens, "
           f"{args.max_new_tokens} new tokens, {described}", flush=True)
 
