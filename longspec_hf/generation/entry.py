@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from ..modeling import LongSpecDraftModel, check_supported_target, is_longspec_draft
 from . import _compat
-from .retrieval import prompt_lookup_matches
+from .retrieval import prompt_lookup_matches, prompt_lookup_tokens_read
 from .tree_sizing import LOOKUP_LENGTHS, choose_round_shape, context_bucket, round_cost
 from .decoding import decode
 from .options import NOT_GIVEN, LongSpecOptions, TreeSizer
@@ -130,8 +130,11 @@ def _tree_sizer(
         cost = round_cost(target, draft, input_ids.shape[0], context_bucket(max_length))
         matches = None
         if choose_lookup:
-            rows = input_ids.tolist() if attention_mask is None else [
-                [token for token, kept in zip(row, mask) if kept] for row, mask in zip(input_ids.tolist(), attention_mask.tolist())
+            # Only the rows' tails are read (left padding keeps every row's tokens at the end).
+            tail = prompt_lookup_tokens_read(max(LOOKUP_LENGTHS))
+            ids = input_ids[:, -tail:].tolist()
+            rows = ids if attention_mask is None else [
+                [token for token, kept in zip(row, mask) if kept] for row, mask in zip(ids, attention_mask[:, -tail:].tolist())
             ]
             matches = [match for row in rows for match in prompt_lookup_matches(row, max(LOOKUP_LENGTHS))]
         return choose_round_shape(cost, lookup_nodes, largest=largest, lookup_matches=matches, **prior)

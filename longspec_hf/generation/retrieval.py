@@ -128,7 +128,21 @@ class NgramIndex:
         return padded
 
 
-def prompt_lookup_matches(row: list[int], length: int, positions: int = 1024, history: int = 8192) -> list[int]:
+# What [`prompt_lookup_matches`] measures: chains at the prompt's last positions, looked up in the tokens
+# before them.
+LOOKUP_ESTIMATE_POSITIONS = 1024
+LOOKUP_ESTIMATE_HISTORY = 8192
+
+
+def prompt_lookup_tokens_read(length: int) -> int:
+    """How many of a row's last tokens [`prompt_lookup_matches`] reads (the rest of a long prompt need not
+    be copied to the host)."""
+    return LOOKUP_ESTIMATE_HISTORY + LOOKUP_ESTIMATE_POSITIONS + length
+
+
+def prompt_lookup_matches(
+    row: list[int], length: int, positions: int = LOOKUP_ESTIMATE_POSITIONS, history: int = LOOKUP_ESTIMATE_HISTORY
+) -> list[int]:
     """What one lookup chain of `length` tokens would have gained along the row's own text, measured
     before any forward: for each of the row's last `positions` positions `i` whose next `length` tokens
     are known, how many of them the best continuation looked up in the `history` tokens before it
