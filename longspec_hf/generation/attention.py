@@ -115,15 +115,15 @@ def longspec_attention_forward(
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     cache = longspec.cache
-    layer = module.layer_idx
+    layer = cache.layer_kv(module.layer_idx)
     if longspec.tree_mask is None:
-        out = _prefill_attention(query, key, value, cache.pad_start, scale, longspec.left_padded, sliding_window)
+        out = _prefill_attention(query, key, value, layer.pad_start, scale, longspec.left_padded, sliding_window)
     elif longspec.chunk_depths is not None:
         # `key`/`value`: the chunk's K/V as the cache stored them; its committed slots end where it begins.
         window = sliding_window if sliding_window is not None and sliding_window < cache.capacity else None
         out, _ = kernels.prefix_tree_attention(
-            query, cache.kv[layer, 0], cache.kv[layer, 1], cache.pad_start, cache.committed_len, key, value,
-            longspec.tree_mask, scale, window, longspec.chunk_depths,
+            query, layer.kv[0], layer.kv[1], layer.pad_start, layer.committed_len, key, value,
+            _on(longspec.tree_mask, query), scale, window, _on(longspec.chunk_depths, query),
         )
     else:
         num_nodes = query.shape[2]
@@ -133,21 +133,26 @@ def longspec_attention_forward(
         if sliding_window is not None and sliding_window < cache.capacity + cache.max_tree_nodes:
             window = sliding_window
             # A node's ancestors (itself included) are its path from the root: its depth is their count - 1.
-            tree_depths = longspec.tree_mask.sum(dim=-1, dtype=torch.int32) - 1
+            tree_depths = _on(longspec.tree_mask, query).sum(dim=-1, dtype=torch.int32) - 1
         out, _ = kernels.prefix_tree_attention(
             query,
-            cache.kv[layer, 0],
-            cache.kv[layer, 1],
-            cache.pad_start,
-            cache.committed_len,
-            cache.kv_tree[layer, 0, :, :, :num_nodes],
-            cache.kv_tree[layer, 1, :, :, :num_nodes],
-            longspec.tree_mask,
+            layer.kv[0],
+            layer.kv[1],
+            layer.pad_start,
+            layer.committed_len,
+            layer.kv_tree[0, :, :, :num_nodes],
+            layer.kv_tree[1, :, :, :num_nodes],
+            _on(longspec.tree_mask, query),
             scale,
             window,
             tree_depths,
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _on(tensor: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor | None:
+    """`tensor` on the query's device (a layer of a target spread over devices runs on its own)."""
+    return tensor if tensor is None or tensor.device == query.device else tensor.to(query.device)
 
 
 def _registered_name(fallback: str) -> str:

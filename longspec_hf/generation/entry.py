@@ -28,6 +28,7 @@ from .retrieval import prompt_lookup_matches, prompt_lookup_tokens_read
 from .tree_sizing import LOOKUP_LENGTHS, choose_round_shape, context_bucket, round_cost
 from .decoding import decode
 from .options import NOT_GIVEN, LongSpecOptions, TreeSizer
+from .placement import input_device, layer_devices, on_one_device, same_device
 
 logger = logging.get_logger(__name__)
 
@@ -98,6 +99,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         size_tree=_tree_sizer(model, draft, input_ids, attention_mask, generation_config.max_length),
     )
+    _check_placement(model, input_ids, options)
     return decode(
         model,
         draft,
@@ -200,15 +202,31 @@ def check_draft_matches_target(target: PreTrainedModel, draft: LongSpecDraftMode
             f"The draft's {config.num_attention_heads} query heads cannot be grouped over the target's "
             f"{num_kv_heads} key/value heads."
         )
-    target_device = target.get_input_embeddings().weight.device
+    target_device = input_device(target)
     if torch.is_autocast_enabled(target_device.type):
         raise ValueError(
             "generate() with a LongSpec draft does not run under torch.autocast: its caches and CUDA graphs "
             "hold one dtype. Cast both models instead, e.g. target.to(torch.bfloat16) and draft.to(torch.bfloat16)."
         )
-    if draft.device != target_device:
+    if not same_device(draft.device, target_device):
         raise ValueError(
-            f"The draft is on {draft.device} and the target on {target_device}: move the draft with draft.to(...)."
+            f"The draft is on {draft.device} and the target's input embedding on {target_device}: move the draft "
+            "with draft.to(...) (for a target spread over devices, to the device of its input embedding)."
+        )
+
+
+def _check_placement(target: PreTrainedModel, input_ids: torch.Tensor, options: LongSpecOptions) -> None:
+    """A target spread over devices (device_map) decodes eagerly: say so before any work if asked to compile."""
+    if not same_device(input_ids.device, input_device(target)):
+        raise ValueError(
+            f"input_ids are on {input_ids.device} but the target's input embedding on {input_device(target)}: "
+            "move the inputs there, e.g. inputs.to(target.device)."
+        )
+    if (options.compile_draft or options.compile_target) and not on_one_device(target, input_ids.device):
+        devices = sorted({str(device) for device in layer_devices(target, input_ids.device)})
+        raise ValueError(
+            f"compile_draft/compile_target need a target on one device; this one runs its layers on {devices} "
+            "(device_map). Drop compile_draft and compile_target: such a target decodes without compiling."
         )
 
 

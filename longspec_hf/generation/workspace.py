@@ -35,6 +35,7 @@ from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator
 from .cuda_graphs import GraphedCall
 from .options import LongSpecOptions
+from .placement import layer_devices, on_one_device
 from .tree import DraftTree
 from .verify import GraphedVerify
 
@@ -140,6 +141,7 @@ class DecodingWorkspace:
             pad_start=torch.zeros(batch, dtype=torch.long, device=device),
             device=device,
             dtype=key.dtype,
+            layer_devices=layer_devices(target, device),
         )
         self.pad_start = self.cache.pad_start
         self.tokens = torch.zeros(batch, capacity, dtype=key.token_dtype, device=device)
@@ -179,7 +181,7 @@ class DecodingWorkspace:
     def start(self, input_ids: torch.Tensor, pad_start: torch.Tensor, pad_token_id: int) -> None:
         """Reset the buffers for a new call with prompt `input_ids` `(B, P)`."""
         prompt_len = input_ids.shape[1]
-        self.pad_start.copy_(pad_start)
+        self.cache.start(pad_start)
         self.tokens.fill_(pad_token_id)
         self.tokens[:, :prompt_len] = input_ids
         self.seq_len.fill_(prompt_len)
@@ -219,7 +221,8 @@ def claim_workspace(
         accept_in_graph: greedy acceptance runs inside the verify graph (no logits processors).
         do_sample: the call samples (its draft runs eagerly, so `compile_draft` does not apply).
     """
-    capture = input_ids.device.type == "cuda"
+    # Graphs hold one device's work: a target spread over devices (device_map) runs its forwards eagerly.
+    capture = input_ids.device.type == "cuda" and on_one_device(target, input_ids.device)
     keep = options.cuda_graphs
     key = WorkspaceKey.of(
         target,

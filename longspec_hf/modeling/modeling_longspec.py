@@ -521,6 +521,12 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
                 f"embedding holds a 2-D weight; {type(lm_head).__name__} does not. Call "
                 "draft.set_draft_vocabulary(None) to draft over the whole vocabulary."
             )
+        if weight.device.type == "meta":
+            raise ValueError(
+                "The target's LM head is offloaded (its weight is loaded only for its own forwards), so this draft "
+                "cannot take its rows for the draft vocabulary. Keep lm_head on a device in the device_map, or call "
+                "draft.set_draft_vocabulary(None) to draft over the whole vocabulary."
+            )
         source = (weight.data_ptr(), weight._version, ids.data_ptr(), ids._version)
         source += (bias.data_ptr(), bias._version) if bias is not None else ()
         if source == parts.draft_head_source:
@@ -532,7 +538,8 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
                 "draft.set_draft_vocabulary(None)."
             )
         rows = ids.to(weight.device)
-        head = tuple(t.detach().index_select(0, rows) for t in (weight, bias) if t is not None)
+        # On the draft's device: a target spread over devices may compute its head elsewhere.
+        head = tuple(t.detach().index_select(0, rows).to(self.device) for t in (weight, bias) if t is not None)
         kept = parts.draft_head
         if kept is not None and [(t.shape, t.dtype, t.device) for t in kept] == [(t.shape, t.dtype, t.device) for t in head]:
             for old, new in zip(kept, head):
@@ -556,10 +563,12 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
 
     # ----- pieces of the block -----------------------------------------------------------------------
     def _embed(self, input_ids: torch.Tensor, target: TargetParts) -> torch.Tensor:
-        return target.embed_tokens(input_ids).to(self.dtype)
+        # (`.to` is free on one device; a target spread over devices returns its embedding's device.)
+        return target.embed_tokens(input_ids).to(device=self.device, dtype=self.dtype)
 
     def _rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, target: TargetParts) -> tuple[torch.Tensor, torch.Tensor]:
-        return target.rotary_emb(hidden, position_ids=position_ids.clamp(min=0))
+        cos, sin = target.rotary_emb(hidden, position_ids=position_ids.clamp(min=0))
+        return cos.to(hidden.device), sin.to(hidden.device)
 
     def _logits(self, hidden: torch.Tensor, target: TargetParts | None = None, draft_vocabulary: bool = False) -> torch.Tensor:
         """Logits over the target's vocabulary, or with `draft_vocabulary` over `draft_vocab_ids` when the
@@ -571,7 +580,7 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
             weight_and_bias = target.draft_head
             return F.linear(hidden.to(weight_and_bias[0].dtype), *weight_and_bias)
         lm_head = target.lm_head
-        return lm_head(hidden.to(lm_head.weight.dtype))
+        return lm_head(hidden.to(lm_head.weight.dtype)).to(hidden.device)
 
     def _finish_block(
         self, hidden: torch.Tensor, self_attn_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, target_kv: TargetKV
