@@ -89,7 +89,10 @@ COMPILED_METHODS = (
 )
 # Not run by default: the same draft without its draft vocabulary, for an A/B against `longspec_tree`.
 VOCABULARY_METHODS = ("longspec_tree_whole_vocab", "longspec_tree_whole_vocab_compiled_all")
-ALL_METHODS = METHODS + EAGER_METHODS + COMPILED_METHODS + VOCABULARY_METHODS
+# Not run by default: the draft config's fixed tree without lookup chains, against which the automatic
+# round (`longspec_tree`: the defaults) is measured.
+FIXED_TREE_METHODS = ("longspec_tree_fixed", "longspec_tree_fixed_compiled_all")
+ALL_METHODS = METHODS + EAGER_METHODS + COMPILED_METHODS + VOCABULARY_METHODS + FIXED_TREE_METHODS
 
 
 def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
@@ -108,6 +111,7 @@ def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
         "longspec_no_draft": {"assistant_model": draft, "tree_widths": []},
         "longspec_chain": {"assistant_model": draft, "tree_widths": [1] * 5},
         "longspec_tree": {"assistant_model": draft},
+        "longspec_tree_fixed": {"assistant_model": draft, "tree_widths": fixed_tree(draft), "prompt_lookup_branches": 0},
         "longspec_hybrid": {"assistant_model": draft, "prompt_lookup_branches": 2},
         "longspec_hybrid_adaptive": {"assistant_model": draft, "prompt_lookup_branches": 2, "adaptive": True},
         "longspec_hybrid_short": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_length": 7},
@@ -117,6 +121,12 @@ def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
         "longspec_tree_deep_adaptive": {"assistant_model": draft, "tree_widths": DEEP_TREE, "adaptive": True},
         "longspec_tree_whole_vocab": {"assistant_model": whole_vocabulary_copy(draft)},
     }[name]
+
+
+def fixed_tree(draft: LongSpecDraftModel) -> list[int]:
+    """The tree of the draft's generation config (else its config): what a call used before the automatic round."""
+    widths = getattr(getattr(draft, "generation_config", None), "tree_widths", None)
+    return list(widths if widths is not None else draft.config.tree_widths)
 
 
 @functools.lru_cache(maxsize=2)
