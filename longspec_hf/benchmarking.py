@@ -91,7 +91,9 @@ COMPILED_METHODS = (
 VOCABULARY_METHODS = ("longspec_tree_whole_vocab", "longspec_tree_whole_vocab_compiled_all")
 # Not run by default: the draft config's fixed tree without lookup chains, against which the automatic
 # round (`longspec_tree`: the defaults) is measured.
-FIXED_TREE_METHODS = ("longspec_tree_fixed", "longspec_tree_fixed_compiled_all")
+FIXED_TREE_METHODS = (
+    "longspec_tree_fixed", "longspec_tree_fixed_compiled_all", "longspec_tree_fixed_lookup", "longspec_tree_fixed_lookup_compiled_all"
+)
 ALL_METHODS = METHODS + EAGER_METHODS + COMPILED_METHODS + VOCABULARY_METHODS + FIXED_TREE_METHODS
 
 
@@ -112,6 +114,9 @@ def method_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
         "longspec_chain": {"assistant_model": draft, "tree_widths": [1] * 5},
         "longspec_tree": {"assistant_model": draft},
         "longspec_tree_fixed": {"assistant_model": draft, "tree_widths": fixed_tree(draft), "prompt_lookup_branches": 0},
+        "longspec_tree_fixed_lookup": {
+            "assistant_model": draft, "tree_widths": fixed_tree(draft), "prompt_lookup_branches": 1, "prompt_lookup_length": 16
+        },
         "longspec_hybrid": {"assistant_model": draft, "prompt_lookup_branches": 2},
         "longspec_hybrid_adaptive": {"assistant_model": draft, "prompt_lookup_branches": 2, "adaptive": True},
         "longspec_hybrid_short": {"assistant_model": draft, "prompt_lookup_branches": 2, "prompt_lookup_length": 7},
@@ -184,6 +189,7 @@ class Measurement:
     common_prefix: int
     tau: float | None = None
     accepted_lengths: list[int] = field(default_factory=list)
+    round_shape: str = ""  # LongSpec: the tree's widths and lookup chains the call used
 
 
 class StopAfter(StoppingCriteria):
@@ -284,11 +290,12 @@ def run_benchmark(
                     common_prefix=_common_prefix(generated, reference),
                     tau=stats.mean_accepted_length if stats is not None else None,
                     accepted_lengths=list(stats.accepted_lengths) if stats is not None else [],
+                    round_shape=stats.round_shape if stats is not None else "",
                 )
                 results.append(result)
                 progress(
                     f"context {context} prompt {index} {name}: {result.tokens_per_s:.1f} tok/s"
-                    + (f", tau {result.tau:.2f}" if result.tau is not None else "")
+                    + (f", tau {result.tau:.2f}, {result.round_shape}" if result.tau is not None else "")
                 )
     return results
 

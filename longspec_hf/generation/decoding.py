@@ -185,6 +185,7 @@ class DecodingSession:
         self.prefill_chunk = generation_config.prefill_chunk_size or max(256, PREFILL_CHUNK_TOKENS // self.batch_size)
         self.stats = options.stats if options.stats is not None else LongSpecStats()
         self.stats.tree_widths = options.tree_widths
+        self.stats.prompt_lookup = (options.prompt_lookup_branches, options.chain_length)
         self.logits_processor = logits_processor
         self.output = output
         self.pad_token_id = output.pad_token_id

@@ -20,6 +20,7 @@ class LongSpecStats:
             in the context length).
         tree_widths: the draft tree's level widths the call verified (chosen automatically unless the
             call or its generation config gave them).
+        prompt_lookup: `(branches, length)` of the prompt-lookup chains beside the tree (`(0, 0)`: none).
     """
 
     rounds: int = 0
@@ -28,6 +29,7 @@ class LongSpecStats:
     drafted_rounds: int = 0
     draft_cache_nbytes: int = 0
     tree_widths: tuple[int, ...] = ()
+    prompt_lookup: tuple[int, int] = (0, 0)
 
     @property
     def mean_accepted_length(self) -> float:
@@ -39,10 +41,18 @@ class LongSpecStats:
         """Mean tokens per row per round accepted from prompt-lookup chains."""
         return sum(self.retrieval_accepted) / len(self.retrieval_accepted) if self.retrieval_accepted else 0.0
 
+    @property
+    def round_shape(self) -> str:
+        """The round's shape in words, e.g. `tree [4, 6, 6] + 1 lookup chain of 16`."""
+        branches, length = self.prompt_lookup
+        chains = f" + {branches} lookup chain{'s' if branches > 1 else ''} of {length}" if branches else ""
+        return f"tree {list(self.tree_widths)}{chains}"
+
     def reset(self) -> None:
         self.rounds = 0
         self.drafted_rounds = 0
         self.draft_cache_nbytes = 0
         self.tree_widths = ()
+        self.prompt_lookup = (0, 0)
         self.accepted_lengths.clear()
         self.retrieval_accepted.clear()
