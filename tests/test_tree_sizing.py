@@ -203,13 +203,19 @@ def test_a_prompt_that_repeats_itself_gets_a_lookup_chain_and_one_that_does_not_
 
 
 def test_the_prompts_lookup_matches_are_what_a_chain_would_have_matched():
-    from longspec_hf.generation.retrieval import prompt_lookup_matches
+    from longspec_hf.generation.retrieval import LOOKUP_ESTIMATE_POSITIONS, prompt_lookup_matches
 
     segment = list(range(10, 40))
     matches = prompt_lookup_matches(segment * 4, length=8)
     assert len(matches) == len(segment) * 4 - 8 - 1
     assert all(m == 8 for m in matches[len(segment):])  # from the second repeat on, every chain matches
-    assert prompt_lookup_matches(list(range(100, 400)), length=8) == [0] * (300 - 8 - 1)
+    assert prompt_lookup_matches(list(range(100, 200)), length=8) == [0] * (100 - 8 - 1)
+    # A long prompt: only its last positions are measured (the estimate runs before every call's first
+    # forward), each against the bounded history before it.
+    long_row = list(range(100, 9000))
+    assert prompt_lookup_matches(long_row, length=8) == [0] * LOOKUP_ESTIMATE_POSITIONS
+    repeating = (segment * 400)[:9000]
+    assert prompt_lookup_matches(repeating, length=8) == [8] * LOOKUP_ESTIMATE_POSITIONS
 
 
 def test_automatic_lookup_chains_decode_exactly_and_only_when_not_given():

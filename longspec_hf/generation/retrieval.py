@@ -129,9 +129,10 @@ class NgramIndex:
 
 
 # What [`prompt_lookup_matches`] measures: chains at the prompt's last positions, looked up in the tokens
-# before them.
-LOOKUP_ESTIMATE_POSITIONS = 1024
-LOOKUP_ESTIMATE_HISTORY = 8192
+# before them. It runs on the host before a call's first forward: these bounds keep it to a few
+# milliseconds (indexing the history is most of it).
+LOOKUP_ESTIMATE_POSITIONS = 256
+LOOKUP_ESTIMATE_HISTORY = 4096
 
 
 def prompt_lookup_tokens_read(length: int) -> int:

@@ -25,6 +25,7 @@ what is emitted: every verification rule is exact for any tree.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -244,11 +245,15 @@ def choose_round_shape(
     shapes = [RoundShape(())] + [RoundShape(widths) for widths in candidate_trees(largest)]
     if lookup_matches:
         shapes += [RoundShape(s.tree_widths, 1, length) for s in list(shapes) for length in LOOKUP_LENGTHS]
+        # How often each match length occurs: a shape's gain is then a sum over a few distinct values
+        # (this runs before every call's first forward, for a hundred shapes).
+        match_counts = Counter(lookup_matches)
 
     def tokens_per_second(shape: RoundShape) -> float:
         gain = expected_tokens(shape.tree_widths, top1, width_exponent) - 1.0
         if shape.lookup_branches:
-            gain = sum(max(gain, min(c, shape.lookup_length)) for c in lookup_matches) / len(lookup_matches)
+            gained = sum(count * max(gain, min(c, shape.lookup_length)) for c, count in match_counts.items())
+            gain = gained / len(lookup_matches)
         nodes = extra_nodes(shape.tree_widths) + shape.lookup_branches * (shape.lookup_length or 0)
         return (1.0 + gain) / cost.round(shape.tree_widths, nodes)
 
