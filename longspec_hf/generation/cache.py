@@ -9,6 +9,10 @@ A target whose layers run on several devices (accelerate's `device_map`) gets on
 consecutive layers on one device, each with its own copy of `pad_start` and `committed_len`. The draft
 reads the last layer's K/V on the cache's own device (the draft's): when that layer runs elsewhere, a
 mirror of it is kept there, written by the same forwards and compacted with the rest.
+
+A tensor-parallel target (its key/value heads split over the processes of a group) keeps only this
+process's heads, `Hkv` being the local head count; the draft, which runs whole on every process, reads a
+mirror of the last layer with every head (`Hkv_all`), gathered over the group as the layer writes it.
 """
 
 from __future__ import annotations
@@ -61,8 +65,8 @@ class _Segment:
     """Consecutive layers `layers` whose K/V live on one device, with that device's copy of the lengths."""
 
     layers: range
-    kv: torch.Tensor  # (len(layers), 2, B, Hkv, capacity, D)
-    kv_tree: torch.Tensor  # (len(layers), 2, B, Hkv, max_tree_nodes, D)
+    kv: torch.Tensor  # (len(layers), 2, B, Hkv, capacity, D); the mirror of a sharded target: Hkv_all heads
+    kv_tree: torch.Tensor  # (len(layers), 2, B, Hkv, max_tree_nodes, D); likewise
     pad_start: torch.Tensor  # (B,)
     committed_len: torch.Tensor  # (B,)
 
@@ -80,12 +84,16 @@ class LongSpecCache(Cache):
     """Preallocated target cache with per-row committed lengths, tree scratch slots and `compact`.
 
     Args:
-        num_layers, batch_size, num_kv_heads, head_dim: the target's cache layout.
+        num_layers, batch_size, num_kv_heads, head_dim: the target's cache layout (`num_kv_heads`: the heads
+            this process's attention sees).
         capacity: slots per row (prompt with its padding + every token that can be committed).
         max_tree_nodes: scratch slots for one verification tree (root included).
         pad_start: `(B,)` left-padding length of every row.
         device, dtype: of the K/V tensors, and the device of `pad_start` / `committed_len` / `target_kv`.
         layer_devices: the device each layer's attention runs on (default: all on `device`).
+        head_group: for a tensor-parallel target, the process group over which its key/value heads are
+            split (each process holding `num_kv_heads` consecutive heads, in the group's rank order): the
+            draft's mirror of the last layer then holds every head, gathered over the group.
 
     Before each target forward call [`begin_prefill`] or [`begin_tree`]: they say where `update` writes.
     """
@@ -104,6 +112,7 @@ class LongSpecCache(Cache):
         device: torch.device,
         dtype: torch.dtype,
         layer_devices: Sequence[torch.device] | None = None,
+        head_group: "torch.distributed.ProcessGroup | None" = None,
     ):
         super().__init__(layers=[_LayerView(self, i) for i in range(num_layers)])
         layer_devices = list(layer_devices) if layer_devices is not None else [device] * num_layers
@@ -112,8 +121,8 @@ class LongSpecCache(Cache):
         self.pad_start = pad_start.to(device=device, dtype=torch.long)
         self.committed_len = torch.zeros(batch_size, device=device, dtype=torch.long)
 
-        def segment(layers: range, on: torch.device) -> _Segment:
-            shape = (len(layers), 2, batch_size, num_kv_heads)
+        def segment(layers: range, on: torch.device, heads: int = num_kv_heads) -> _Segment:
+            shape = (len(layers), 2, batch_size, heads)
             on_main = same_device(on, device)
             return _Segment(
                 layers,
@@ -128,9 +137,15 @@ class LongSpecCache(Cache):
             segment(range(start, end), layer_devices[start]) for start, end in zip(starts, [*starts[1:], num_layers])
         ]
         self._segment_of = [seg for seg in self.segments for _ in seg.layers]
-        # The draft's copy of the last layer, when that layer runs on another device.
+        # The draft's copy of the last layer, when that layer runs on another device or holds some heads only.
         last = num_layers - 1
-        self.mirror = segment(range(last, last + 1), device) if not same_device(layer_devices[last], device) else None
+        self.head_group = head_group
+        self.mirror = None
+        if head_group is not None:
+            all_heads = num_kv_heads * torch.distributed.get_world_size(head_group)
+            self.mirror = segment(range(last, last + 1), device, all_heads)
+        elif not same_device(layer_devices[last], device):
+            self.mirror = segment(range(last, last + 1), device)
         # Passed as a LongSpec forward's `attention_mask`: transformers hands a 4D mask to the attention
         # as it is instead of building one (the LongSpec attention reads positions from the cache).
         self.mask_placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
@@ -139,7 +154,8 @@ class LongSpecCache(Cache):
 
     @property
     def kv(self) -> torch.Tensor:
-        """All layers' K/V `(num_layers, 2, B, Hkv, capacity, D)`, for a cache on one device."""
+        """All layers' K/V `(num_layers, 2, B, Hkv, capacity, D)`, for a cache on one device (this process's
+        heads, for a target whose heads are split over processes)."""
         if len(self.segments) > 1:
             raise RuntimeError("the cache's layers live on several devices: read them with layer_kv(layer)")
         return self.segments[0].kv
@@ -204,7 +220,8 @@ class LongSpecCache(Cache):
         """Store `(B, Hkv, T, D)` keys/values where the current plan says and return the layer's visible K/V.
 
         The LongSpec attention reads the cache itself (through the layer index); the returned tensors
-        are the prompt chunk (prefill) or the tree nodes (tree forward).
+        are the prompt chunk (prefill) or the tree nodes (tree forward). With a `head_group`, the last
+        layer's call is a collective: every process of the group makes it, in the same forward.
         """
         length = key_states.shape[2]
         # (Not under torch.compile: comparing the traced length with the plan would pin it to one prompt length.)
@@ -214,8 +231,19 @@ class LongSpecCache(Cache):
         written = self._write(segment, layer_idx - segment.layers.start, key_states, value_states)
         if self.mirror is not None and layer_idx == self.mirror.layers.start:
             device = self.mirror.kv.device
+            if self.head_group is not None:
+                key_states, value_states = self._all_heads(key_states, value_states)
             self._write(self.mirror, 0, key_states.to(device), value_states.to(device))
         return written
+
+    def _all_heads(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every process's `(B, Hkv, T, D)` keys/values of the head group, as `(B, Hkv_all, T, D)` (one
+        all-gather of keys and values together; a list of tensors, which every backend gathers into)."""
+        local = torch.stack((key_states, value_states))
+        parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(self.head_group))]
+        torch.distributed.all_gather(parts, local, group=self.head_group)
+        gathered = torch.cat(parts, dim=2)
+        return gathered[0], gathered[1]
 
     def _write(self, segment: _Segment, index: int, key_states: torch.Tensor, value_states: torch.Tensor):
         target = segment.kv_tree if self._write_tree else segment.kv
@@ -244,7 +272,8 @@ class LongSpecCache(Cache):
         self._publish_lengths()
 
     def target_kv(self) -> TargetKV:
-        """The last layer's committed K/V, as the draft's cross-attention reads it (on the cache's device)."""
+        """The last layer's committed K/V, as the draft's cross-attention reads it (on the cache's device;
+        every head, also for a target whose heads are split over processes)."""
         last = self.mirror if self.mirror is not None else self.segments[-1]
         return TargetKV(key=last.kv[-1, 0], value=last.kv[-1, 1], start=self.pad_start, end=self.committed_len)
 

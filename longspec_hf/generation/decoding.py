@@ -377,12 +377,16 @@ class DecodingSession:
             # is drafted on the device.
             self.ahead = self._draft(self._next_plan(), self.ring_lag)
         # Every plan's round costs are kept with the workspace, so that a later adaptive call knows which
-        # plans have their graphs captured already.
+        # plans have their graphs captured already. The processes of a tensor-parallel target plan alike
+        # from the slowest one's times (their forwards must match): measured only when a planner reads them.
+        sharding = self.workspace.sharding
         if self.planner is None:
-            self.workspace.plan_costs.record(plan, self.round_end - round_start)
+            if sharding is None:
+                self.workspace.plan_costs.record(plan, self.round_end - round_start)
         else:
             outcomes = row_outcomes(plan, gained_host, from_chains, verified.proposals, new_tokens_host, self.active_rows)
-            self.planner.record(plan, self.round_end - round_start, outcomes)
+            seconds = self.round_end - round_start
+            self.planner.record(plan, seconds if sharding is None else sharding.slowest(seconds, self.device), outcomes)
         path = verified.acceptance.path
         node_scores = _at_path(verified.scores, path) if self.output.scores is not None else None
         node_logits = _at_path(verified.logits, path) if self.output.logits is not None else None

@@ -28,7 +28,7 @@ from .retrieval import prompt_lookup_matches, prompt_lookup_tokens_read
 from .tree_sizing import LOOKUP_LENGTHS, choose_round_shape, context_bucket, round_cost
 from .decoding import decode
 from .options import NOT_GIVEN, LongSpecOptions, TreeSizer
-from .placement import input_device, layer_devices, on_one_device, same_device
+from .placement import head_sharding, input_device, layer_devices, on_one_device, same_device
 
 logger = logging.get_logger(__name__)
 
@@ -216,7 +216,8 @@ def check_draft_matches_target(target: PreTrainedModel, draft: LongSpecDraftMode
 
 
 def _check_placement(target: PreTrainedModel, input_ids: torch.Tensor, options: LongSpecOptions) -> None:
-    """A target spread over devices (device_map) decodes eagerly: say so before any work if asked to compile."""
+    """A target spread over devices (device_map) or over processes (tensor parallelism) decodes eagerly: say so
+    before any work if asked to compile (and refuse a head split LongSpec does not serve)."""
     if not same_device(input_ids.device, input_device(target)):
         raise ValueError(
             f"input_ids are on {input_ids.device} but the target's input embedding on {input_device(target)}: "
@@ -227,6 +228,14 @@ def _check_placement(target: PreTrainedModel, input_ids: torch.Tensor, options: 
         raise ValueError(
             f"compile_draft/compile_target need a target on one device; this one runs its layers on {devices} "
             "(device_map). Drop compile_draft and compile_target: such a target decodes without compiling."
+        )
+    sharding = head_sharding(target)
+    if sharding is not None and (options.compile_draft or options.compile_target):
+        size = torch.distributed.get_world_size(sharding.group)
+        raise ValueError(
+            f"compile_draft/compile_target are not supported for a tensor-parallel target (its {sharding.num_heads} "
+            f"key/value heads are split over {size} processes). Drop compile_draft and compile_target: such a "
+            "target decodes without compiling (and without CUDA graphs)."
         )
 
 

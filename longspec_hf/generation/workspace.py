@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from ..modeling import LongSpecDraftModel
+from ..modeling import LongSpecDraftModel, local_tensor
 from .adaptive import PlanCosts
 from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator
 from .cuda_graphs import GraphedCall
 from .options import LongSpecOptions
-from .placement import layer_devices, on_one_device
+from .placement import HeadSharding, head_sharding, layer_devices, on_one_device
 from .tree import DraftTree
 from .verify import GraphedVerify
 
@@ -81,6 +81,7 @@ class WorkspaceKey:
         compile_draft: bool = False,
         compile_target: bool = False,
     ) -> "WorkspaceKey":
+        # (A tensor-parallel target's parameters are DTensors: the address is their local shard's.)
         tensors = itertools.chain(target.parameters(), target.buffers(), draft.parameters(), draft.buffers())
         return cls(
             device=input_ids.device,
@@ -96,7 +97,7 @@ class WorkspaceKey:
             inference_mode=torch.is_inference_mode_enabled(),
             models=(id(target), id(draft)),
             # Graphs hold raw addresses: moved or replaced weights need new graphs.
-            weights=tuple(t.data_ptr() for t in tensors),
+            weights=tuple(local_tensor(t).data_ptr() for t in tensors),
         )
 
 
@@ -124,8 +125,11 @@ class DecodingWorkspace:
         target: PreTrainedModel,
         draft: LongSpecDraftModel,
         capacity: int,
+        sharding: HeadSharding | None = None,
     ):
         self.key = key
+        # A tensor-parallel target's head split (its cache holds this process's heads).
+        self.sharding = sharding
         # Weakly: a kept workspace never keeps its target alive (see `keep_on`).
         self.target = weakref.ref(target)
         text_config = target.config.get_text_config()
@@ -134,7 +138,7 @@ class DecodingWorkspace:
         self.cache = LongSpecCache(
             num_layers=text_config.num_hidden_layers,
             batch_size=batch,
-            num_kv_heads=text_config.num_key_value_heads,
+            num_kv_heads=sharding.local_heads if sharding is not None else text_config.num_key_value_heads,
             head_dim=head_dim,
             capacity=capacity,
             max_tree_nodes=key.max_tree_nodes,
@@ -142,6 +146,7 @@ class DecodingWorkspace:
             device=device,
             dtype=key.dtype,
             layer_devices=layer_devices(target, device),
+            head_group=sharding.group if sharding is not None else None,
         )
         self.pad_start = self.cache.pad_start
         self.tokens = torch.zeros(batch, capacity, dtype=key.token_dtype, device=device)
@@ -221,8 +226,10 @@ def claim_workspace(
         accept_in_graph: greedy acceptance runs inside the verify graph (no logits processors).
         do_sample: the call samples (its draft runs eagerly, so `compile_draft` does not apply).
     """
-    # Graphs hold one device's work: a target spread over devices (device_map) runs its forwards eagerly.
-    capture = input_ids.device.type == "cuda" and on_one_device(target, input_ids.device)
+    # Graphs hold one device's work: a target spread over devices (device_map) runs its forwards eagerly, and
+    # so does a tensor-parallel one (its forwards communicate with the other processes).
+    sharding = head_sharding(target)
+    capture = input_ids.device.type == "cuda" and on_one_device(target, input_ids.device) and sharding is None
     keep = options.cuda_graphs
     key = WorkspaceKey.of(
         target,
@@ -246,7 +253,9 @@ def claim_workspace(
             if keep:
                 release_workspace(draft)
             block = CAPACITY_BLOCK_CUDA if capture else CAPACITY_BLOCK_CPU
-            workspace = DecodingWorkspace(key, target, draft, -(-capacity // block) * block if keep else capacity)
+            workspace = DecodingWorkspace(
+                key, target, draft, -(-capacity // block) * block if keep else capacity, sharding
+            )
             if keep:
                 workspace.keep_on(draft)
         workspace.in_use = True

@@ -7,7 +7,7 @@ from .configuration_longspec import (
     LongSpecDraftConfig,
     check_supported_target,
 )
-from .modeling_longspec import DraftCache, LongSpecDraftModel, TargetKV, TargetParts, is_longspec_draft
+from .modeling_longspec import DraftCache, LongSpecDraftModel, TargetKV, TargetParts, is_longspec_draft, local_tensor
 
 __all__ = [
     "DEFAULT_TREE_WIDTHS",
@@ -20,5 +20,6 @@ __all__ = [
     "cache_keyword",
     "check_supported_target",
     "is_longspec_draft",
+    "local_tensor",
     "output_cache",
 ]

@@ -32,6 +32,18 @@ from ..kernels import attention_with_lse
 from .configuration_longspec import LongSpecDraftConfig
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a parameter of a tensor-parallel model), else `tensor` itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a DTensor, gathered from every process of its mesh (a collective), else `tensor`."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
+
+
 class TargetParts:
     """The modules the draft borrows from its target: token embedding, rotary embedding and LM head.
 
@@ -527,8 +539,9 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
                 "cannot take its rows for the draft vocabulary. Keep lm_head on a device in the device_map, or call "
                 "draft.set_draft_vocabulary(None) to draft over the whole vocabulary."
             )
-        source = (weight.data_ptr(), weight._version, ids.data_ptr(), ids._version)
-        source += (bias.data_ptr(), bias._version) if bias is not None else ()
+        # (A tensor-parallel head's weight is a DTensor: its local shard tells what changed.)
+        source = (local_tensor(weight).data_ptr(), local_tensor(weight)._version, ids.data_ptr(), ids._version)
+        source += (local_tensor(bias).data_ptr(), local_tensor(bias)._version) if bias is not None else ()
         if source == parts.draft_head_source:
             return
         if ids.dim() != 1 or not bool((ids[1:] > ids[:-1]).all()) or int(ids[0]) < 0 or int(ids[-1]) >= weight.shape[0]:
@@ -538,8 +551,9 @@ class LongSpecDraftModel(LongSpecPreTrainedModel):
                 "draft.set_draft_vocabulary(None)."
             )
         rows = ids.to(weight.device)
-        # On the draft's device: a target spread over devices may compute its head elsewhere.
-        head = tuple(t.detach().index_select(0, rows).to(self.device) for t in (weight, bias) if t is not None)
+        # On the draft's device: a target spread over devices may compute its head elsewhere. A head split
+        # over processes (tensor parallelism) is gathered whole first, on every process alike.
+        head = tuple(_whole(t.detach()).index_select(0, rows).to(self.device) for t in (weight, bias) if t is not None)
         kept = parts.draft_head
         if kept is not None and [(t.shape, t.dtype, t.device) for t in kept] == [(t.shape, t.dtype, t.device) for t in head]:
             for old, new in zip(kept, head):
