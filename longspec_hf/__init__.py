@@ -7,7 +7,7 @@ also transformers' `custom_generate=` form of it.
 
 from transformers import AutoConfig, AutoModel
 
-from .generation import LongSpecCandidateGenerator, LongSpecOptions, LongSpecStats, generate, release_workspace
+from .generation import LongSpecCandidateGenerator, LongSpecOptions, LongSpecStats, forget_acceptance, generate, release_workspace
 from .generation.entry import install as _install_generate_route
 from .modeling import LongSpecDraftConfig, LongSpecDraftModel
 
@@ -24,6 +24,7 @@ __all__ = [
     "LongSpecOptions",
     "LongSpecStats",
     "__version__",
+    "forget_acceptance",
     "generate",
     "release_workspace",
 ]

@@ -6,6 +6,7 @@ from .candidate_generator import LongSpecCandidateGenerator, target_kv_from_cach
 from .decoding import DecodingSession, decode
 from .entry import generate
 from .options import LongSpecOptions
+from .running_prior import forget_acceptance
 from .stats import LongSpecStats
 from .tree import DraftTree, accept_greedy
 from .workspace import release_workspace
@@ -18,6 +19,7 @@ __all__ = [
     "LongSpecCandidateGenerator",
     "LongSpecOptions",
     "LongSpecStats",
+    "forget_acceptance",
     "accept_greedy",
     "decode",
     "generate",

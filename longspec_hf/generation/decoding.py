@@ -48,6 +48,7 @@ from .output import OutputCollector
 from .processing import SCORES_ONLY_PROCESSORS, tree_scores
 from .retrieval import NgramIndex
 from .returned_cache import returned_past_key_values
+from .running_prior import RoundsSeen, record_call
 from .sampling import resolve_sampling_rule
 from .stats import LongSpecStats
 from .tree import ChainLayout, DraftTree, GreedyAcceptance, accept_greedy
@@ -106,11 +107,14 @@ def decode(
         target, draft, input_ids, options, max_new_tokens, accept_in_graph=accept_in_graph, do_sample=generation_config.do_sample
     ) as workspace:
         session = DecodingSession(target, workspace, input_ids, pad_start, options, generation_config, logits_processor, output)
+        seen = RoundsSeen.of(session.stats)
         with longspec_attention(target):
             session.prefill()
             while not output.all_done:
                 session.round()
         session.stats.draft_cache_nbytes = workspace.drafter.cache.nbytes()
+        if not generation_config.do_sample:
+            record_call(draft, session.stats, seen)
         cache = returned_past_key_values(target, draft, workspace, input_ids.shape[1], output, generation_config)
     return output.finish(input_ids, generation_config.return_dict_in_generate, cache)
 

@@ -25,6 +25,7 @@ from transformers.utils import logging
 from ..modeling import LongSpecDraftModel, check_supported_target, is_longspec_draft
 from . import _compat
 from .retrieval import prompt_lookup_matches, prompt_lookup_tokens_read
+from .running_prior import draft_prior, greedy_top1
 from .tree_sizing import LOOKUP_LENGTHS, choose_round_shape, context_bucket, round_cost
 from .decoding import decode
 from .options import NOT_GIVEN, LongSpecOptions, TreeSizer
@@ -97,7 +98,9 @@ def generate(
         generation_config=generation_config,
         draft_generation_config=getattr(draft, "generation_config", None),
         max_new_tokens=max_new_tokens,
-        size_tree=_tree_sizer(model, draft, input_ids, attention_mask, generation_config.max_length),
+        size_tree=_tree_sizer(
+            model, draft, input_ids, attention_mask, generation_config.max_length, bool(generation_config.do_sample)
+        ),
     )
     _check_placement(model, input_ids, options)
     return decode(
@@ -115,18 +118,16 @@ def generate(
 
 def _tree_sizer(
     target: PreTrainedModel, draft: LongSpecDraftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-    max_length: int,
+    max_length: int, do_sample: bool,
 ) -> TreeSizer:
     """The automatic round of a call (`tree_sizing.py`): its cost model at the call's context length, the
-    draft's acceptance prior (its generation config's `acceptance_prior`, else the default one) and, when
-    it may add lookup chains, what they would have matched along the prompt itself."""
+    draft's acceptance (its generation config's `acceptance_prior`, else the default one; for a greedy
+    call moved by the draft's earlier greedy calls, `running_prior.py`) and, when it may add lookup
+    chains, what they would have matched along the prompt itself."""
 
-    prior = getattr(getattr(draft, "generation_config", None), "acceptance_prior", None) or {}
-    if not isinstance(prior, dict) or not set(prior) <= {"top1", "width_exponent"}:
-        raise ValueError(
-            f"The draft's generation_config.acceptance_prior must be a dict with keys 'top1' and/or "
-            f"'width_exponent' (see longspec_hf.generation.tree_sizing), got {prior!r}. Fix or remove it."
-        )
+    top1, width_exponent = draft_prior(draft)  # a malformed prior is refused before any work
+    if not do_sample:
+        top1 = greedy_top1(draft)
 
     def size_tree(largest, lookup_nodes, choose_lookup):
         cost = round_cost(target, draft, input_ids.shape[0], context_bucket(max_length))
@@ -139,7 +140,9 @@ def _tree_sizer(
                 [token for token, kept in zip(row, mask) if kept] for row, mask in zip(ids, attention_mask[:, -tail:].tolist())
             ]
             matches = [match for row in rows for match in prompt_lookup_matches(row, max(LOOKUP_LENGTHS))]
-        return choose_round_shape(cost, lookup_nodes, largest=largest, lookup_matches=matches, **prior)
+        return choose_round_shape(
+            cost, lookup_nodes, largest=largest, lookup_matches=matches, top1=top1, width_exponent=width_exponent
+        )
 
     return size_tree
 

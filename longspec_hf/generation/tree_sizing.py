@@ -10,15 +10,16 @@ a ladder of trees by `E / cost` and takes the best:
 - `E(widths) = 1 + sum_d prod_{k <= d} a(w_k)`, where `a(w) = 1 - (1 - top1) * w ** -width_exponent`
   is the chance that level `k`'s `w` beams hold the target's token once its parent was accepted (a
   prior fitted to the bundled SmolLM2 draft on held-out code: `[4, 16, 16, 16, 16]` 3.81 tokens per
-  round, `[2, 4, 4, 4]` 3.03; a draft's generation config may give its own as `acceptance_prior`).
+  round, `[2, 4, 4, 4]` 3.03; a draft's generation config may give its own as `acceptance_prior`; greedy
+  calls move `top1` toward what the draft's earlier greedy calls recorded, `running_prior.py`).
 - `cost` from a roofline of the target's and the draft's shapes ([`RoundCost`]): bytes read over the
   memory bandwidth or matrix FLOPs over the matmul rate, whichever is larger, per GEMM and per
   attention tile, plus a fixed cost per layer and per draft level; the constants of [`CUDA`] and
   [`CPU`] reproduce the measured round costs of an 8B layout at 4k-128k on an H200 within ~10%
   (BENCHMARKS.md) and SmolLM2's on a two-core CPU.
 
-The choice depends only on shapes and the context length (rounded to a power of two), never on
-timing, so calls of similar length share one tree shape and its CUDA graphs. The tree never changes
+The choice depends only on shapes, the context length (rounded to a power of two) and the acceptance
+estimate, never on timing, so calls of similar length share one tree shape and its CUDA graphs. The tree never changes
 what is emitted: every verification rule is exact for any tree.
 """
 
