@@ -1,12 +1,18 @@
 """Command-line interface of draft training: `longspec train ...` or `python -m longspec_hf.training ...`.
 
-Multi-GPU: `accelerate launch -m longspec_hf.training ...` (DDP, or FSDP through an accelerate config).
+Several processes: `accelerate launch -m longspec_hf.training ...` (DDP, or on GPUs FSDP through an accelerate
+config). Without GPUs, `accelerate launch --multi_gpu --num_processes N -m longspec_hf.training ...` (or
+`torchrun --nproc_per_node N -m ...`) trains on N CPU processes over gloo, replicas as DDP (accelerate shards
+with FSDP only on GPUs and other accelerators); `accelerate launch --cpu` starts one process unless given
+an mpirun hostfile. The first line of `train_log.jsonl` records the processes and the distributed type.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+
+from accelerate import PartialState
 
 from ..assets import SMOLLM2, SMOLLM2_HUB_ID
 from .trainer import TrainingConfig, train
@@ -87,6 +93,8 @@ def config_from_args(args: argparse.Namespace) -> TrainingConfig:
 
 def main(args: argparse.Namespace) -> None:
     result = train(config_from_args(args))
+    if not PartialState().is_main_process:  # one report for a run of several processes
+        return
     if result.last_eval:
         figures = ", ".join(f"{k} {v:.4f}" for k, v in sorted(result.last_eval.items()))
         print(f"step {result.step}: {figures}")

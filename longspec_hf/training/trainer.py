@@ -18,12 +18,14 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
@@ -205,6 +207,29 @@ def load_or_build_sequences(config: TrainingConfig, tokenizer: Callable[[], Any]
     return train_rows, held_out
 
 
+def make_accelerator() -> Accelerator:
+    """The run's `Accelerator`: on CPU (gloo) when several processes were launched on a machine without GPUs.
+
+    A torchrun launch (`accelerate launch --multi_gpu`, `torchrun`) of several processes on such a machine
+    would otherwise leave every process training on its own, each writing the same output folder.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(cpu=launched > 1 and not torch.accelerator.is_available())
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched, but accelerate runs this one as {accelerator.num_processes} "
+            f"(distributed type {accelerator.distributed_type.value}): they would train separately"
+        )
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and accelerator.distributed_type != DistributedType.FSDP:
+        warnings.warn(
+            "FSDP was asked for, but accelerate shards only on GPUs and other accelerators: every process holds the "
+            f"whole draft ({accelerator.distributed_type.value})",
+            stacklevel=2,
+        )
+    return accelerator
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     if not os.path.isdir(output_dir):
         return None
@@ -226,7 +251,7 @@ class DraftTrainer:
         tokenizer=None,
     ):
         self.config = config
-        self.accelerator = Accelerator()
+        self.accelerator = make_accelerator()
         self.device = self.accelerator.device
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" and config.bf16 else None
         if config.loss not in ("ce", "kl"):
@@ -316,6 +341,11 @@ class DraftTrainer:
             desc="draft training",
         )
         started = time.time()
+        # The run's layout (also on a resumed run, whose processes may differ from the first run's).
+        self._log(
+            step=self.step, num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
+            sequences_per_step=config.batch_size * accumulation * accelerator.num_processes,
+        )
         if self.step == 0 and self.eval_sequences is not None and config.eval_every:
             self.last_eval = self.evaluate()  # the untrained draft's figures, for comparison
             self._log(step=0, **{f"eval_{k}": v for k, v in self.last_eval.items()})
