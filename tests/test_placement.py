@@ -8,6 +8,7 @@ import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
 from longspec_hf.generation import placement
+from longspec_hf.generation._compat import cache_output_field
 
 from .conftest import make_draft, make_target
 
@@ -83,3 +84,55 @@ def test_a_target_over_the_gpu_and_the_cpu_matches_plain_generate(name):
     for keywords in (dict(tree_widths=[2, 2]), dict(tree_widths=[3, 2, 2], prefill_chunk_size=32)):
         output = target.generate(ids, attention_mask=mask, assistant_model=draft, max_new_tokens=40, do_sample=False, **keywords)
         assert torch.equal(output, reference), keywords
+    # The returned cache holds each layer's K/V where that layer runs.
+    returned = target.generate(
+        ids, attention_mask=mask, assistant_model=draft, max_new_tokens=40, do_sample=False, return_dict_in_generate=True
+    )
+    assert torch.equal(returned.sequences, reference)
+    cache = getattr(returned, cache_output_field())
+    devices = placement.layer_devices(target, torch.device("cuda"))
+    assert [layer.keys.device for layer in cache.layers] == devices
+
+
+def test_a_cache_over_two_devices_keeps_each_layers_kv_like_one_device():
+    """The segments' bookkeeping on the CPU: a layer on "meta" stands for another device (shapes only; the
+    draft's mirror of a last layer elsewhere is covered by the GPU test below)."""
+    from longspec_hf.generation.cache import LongSpecCache
+
+    batch, heads, dim, capacity, nodes = 2, 2, 4, 12, 5
+    pad_start = torch.tensor([0, 2])
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    kwargs = dict(num_layers=3, batch_size=batch, num_kv_heads=heads, head_dim=dim, capacity=capacity,
+                  max_tree_nodes=nodes, pad_start=pad_start, device=cpu, dtype=torch.float32)
+    spread = LongSpecCache(**kwargs, layer_devices=[meta, meta, cpu])
+    single = LongSpecCache(**kwargs)
+    assert [s.layers for s in spread.segments] == [range(0, 2), range(2, 3)] and spread.mirror is None
+    assert spread.layer_kv(1).kv.device == meta and spread.layer_kv(1).committed_len.device == meta
+    assert spread.nbytes() == single.nbytes()
+    with pytest.raises(RuntimeError, match="layer_kv"):
+        spread.kv
+    generator = torch.Generator().manual_seed(0)
+
+    def forward(cache, length):  # what a target forward writes, layer by layer
+        for layer in range(3):
+            key = torch.randn(batch, heads, length, dim, generator=generator)
+            value = torch.randn(batch, heads, length, dim, generator=generator)
+            for each in cache:
+                each.update(key.to(each.layer_kv(layer).kv.device), value.to(each.layer_kv(layer).kv.device), layer)
+
+    for cache in (spread, single):
+        cache.start(pad_start)
+        cache.begin_prefill(0, 6)
+    forward((spread, single), 6)
+    for cache in (spread, single):
+        cache.end_prefill(6)
+        cache.begin_tree(nodes)
+    forward((spread, single), nodes)
+    path, kept = torch.tensor([[0, 2, 4], [0, 1, 3]]), torch.tensor([3, 2])
+    for cache in (spread, single):
+        cache.compact(path, kept)
+    assert torch.equal(spread.committed_len, single.committed_len) and spread.layer_kv(0).committed_len.device == meta
+    draft_view, reference = spread.target_kv(), single.target_kv()
+    assert torch.equal(draft_view.key, reference.key) and torch.equal(draft_view.value, reference.value)
+    assert torch.equal(spread.layer_kv(2).kv, single.layer_kv(2).kv)
+    assert torch.equal(spread.layer_kv(2).kv_tree, single.layer_kv(2).kv_tree)

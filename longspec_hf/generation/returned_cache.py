@@ -63,5 +63,7 @@ def committed_cache(
     if committed < length:
         raise RuntimeError(f"the target cache committed {committed} positions, fewer than the {length} generated before the last token")
     stop_keeping(draft, workspace)
-    keys_values = [(layer[0, :, :, :length], layer[1, :, :, :length]) for layer in cache.kv.unbind(0)]
+    # Each layer's K/V on its own device (a target spread over devices keeps them where its layers run).
+    layers = (cache.layer_kv(index).kv for index in range(len(cache.layers)))
+    keys_values = [(kv[0, :, :, :length], kv[1, :, :, :length]) for kv in layers]
     return _compat.dynamic_cache_holding(target.config, keys_values, length)
