@@ -103,6 +103,14 @@ def _decode_on_this_process(folder: str) -> None:
         assert torch.equal(out, references[arch]["single"]), (arch, "draft vocabulary")
         draft.set_draft_vocabulary(None)
         passed.append(f"{arch}/draft-vocabulary")
+        # Sampling: processes seeded alike draw the same tokens, round after round (as plain sampling under
+        # tensor parallelism needs).
+        torch.manual_seed(3)
+        sampled = target.generate(
+            ids, assistant_model=draft, tree_widths=[2, 2], max_new_tokens=NEW_TOKENS, do_sample=True, top_k=20
+        )
+        assert sampled.shape[1] > ids.shape[1] and _same_on_every_process(sampled), (arch, "sampling")
+        passed.append(f"{arch}/sampling-in-step")
         # The returned cache holds this process's heads, as plain generate's does.
         out = target.generate(
             ids, assistant_model=draft, tree_widths=[2, 2], max_new_tokens=NEW_TOKENS, do_sample=False,
@@ -156,7 +164,7 @@ def test_tensor_parallel_targets_match_plain_greedy_generate(tmp_path):
     subprocess.run(command, cwd=root, check=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     results = [json.loads((tmp_path / f"result_rank{rank}.json").read_text()) for rank in range(2)]
     assert results[0] == results[1]
-    assert len(results[0]["passed"]) == len(TARGETS) * (2 * 5 + 3)
+    assert len(results[0]["passed"]) == len(TARGETS) * (2 * 5 + 4)
     # Some round committed a path of several tokens (through the lookup chains), so compaction moved them.
     assert results[0]["longest_accepted"] > 1
 
