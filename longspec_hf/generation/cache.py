@@ -161,10 +161,6 @@ class LongSpecCache(Cache):
         return self.segments[0].kv
 
     @property
-    def single_device(self) -> bool:
-        return len(self.segments) == 1 and self.mirror is None
-
-    @property
     def capacity(self) -> int:
         return self.segments[0].kv.shape[4]
 
@@ -180,19 +176,21 @@ class LongSpecCache(Cache):
     def _all_segments(self) -> list[_Segment]:
         return self.segments if self.mirror is None else [*self.segments, self.mirror]
 
-    def _publish_lengths(self) -> None:
-        """Copy `pad_start` and `committed_len` to the segments on other devices."""
+    def _publish_lengths(self, pad_start: bool = False) -> None:
+        """Copy `committed_len` (and with `pad_start`, which changes only when a call starts, `pad_start`)
+        to the segments on other devices."""
         for segment in self._all_segments():
             if segment.committed_len is not self.committed_len:
                 segment.committed_len.copy_(self.committed_len)
-                segment.pad_start.copy_(self.pad_start)
+                if pad_start:
+                    segment.pad_start.copy_(self.pad_start)
 
     # ----- write plans ---------------------------------------------------------------------------------
     def start(self, pad_start: torch.Tensor) -> None:
         """A new call: rows are left-padded by `pad_start` `(B,)`; nothing is committed."""
         self.pad_start.copy_(pad_start)
         self.committed_len.zero_()
-        self._publish_lengths()
+        self._publish_lengths(pad_start=True)
 
     def begin_prefill(self, start: int, end: int) -> None:
         """The next forward writes prompt slots `[start, end)` of every row (a chunk of the prompt); the

@@ -25,7 +25,7 @@ from transformers.utils import logging
 from ..modeling import LongSpecDraftModel, check_supported_target, is_longspec_draft
 from . import _compat
 from .retrieval import prompt_lookup_matches, prompt_lookup_tokens_read
-from .running_prior import draft_prior, greedy_top1
+from .running_prior import acceptance_counts, draft_prior
 from .tree_sizing import LOOKUP_LENGTHS, choose_round_shape, context_bucket, round_cost
 from .decoding import decode
 from .options import NOT_GIVEN, LongSpecOptions, TreeSizer
@@ -126,8 +126,9 @@ def _tree_sizer(
     chains, what they would have matched along the prompt itself."""
 
     top1, width_exponent = draft_prior(draft)  # a malformed prior is refused before any work
-    if not do_sample:
-        top1 = greedy_top1(draft)
+    counts = acceptance_counts(draft)
+    if not do_sample and counts is not None:
+        top1 = counts.top1(top1)
 
     def size_tree(largest, lookup_nodes, choose_lookup):
         cost = round_cost(target, draft, input_ids.shape[0], context_bucket(max_length))
@@ -221,9 +222,10 @@ def check_draft_matches_target(target: PreTrainedModel, draft: LongSpecDraftMode
 def _check_placement(target: PreTrainedModel, input_ids: torch.Tensor, options: LongSpecOptions) -> None:
     """A target spread over devices (device_map) or over processes (tensor parallelism) decodes eagerly: say so
     before any work if asked to compile (and refuse a head split LongSpec does not serve)."""
-    if not same_device(input_ids.device, input_device(target)):
+    embedding_device = input_device(target)
+    if not same_device(input_ids.device, embedding_device):
         raise ValueError(
-            f"input_ids are on {input_ids.device} but the target's input embedding on {input_device(target)}: "
+            f"input_ids are on {input_ids.device} but the target's input embedding on {embedding_device}: "
             "move the inputs there, e.g. inputs.to(target.device)."
         )
     if (options.compile_draft or options.compile_target) and not on_one_device(target, input_ids.device):

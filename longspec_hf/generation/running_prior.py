@@ -82,13 +82,6 @@ def draft_prior(draft: LongSpecDraftModel) -> tuple[float, float]:
     return prior.get("top1", DEFAULT_TOP1_ACCEPTANCE), prior.get("width_exponent", DEFAULT_WIDTH_EXPONENT)
 
 
-def greedy_top1(draft: LongSpecDraftModel) -> float:
-    """The `top1` a greedy call's tree is chosen with: the prior, moved by what earlier calls recorded."""
-    top1, _ = draft_prior(draft)
-    counts = draft.__dict__.get(ATTRIBUTE)
-    return counts.top1(top1) if counts is not None else top1
-
-
 def record_call(draft: LongSpecDraftModel, stats: LongSpecStats, first_round: RoundsSeen) -> None:
     """Record on `draft` the rounds a greedy call added to `stats` since `first_round` (a `stats` object
     the caller passes in may hold earlier calls' rounds)."""
