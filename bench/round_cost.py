@@ -1,13 +1,15 @@
-"""Where the time of a LongSpec round goes, on a target shaped like SmolLM2-135M (random weights).
+"""Where the time of a LongSpec round goes, on a target shaped like SmolLM2-135M or an 8B model (random weights).
 
 Round costs do not depend on the weights, only on the shapes, so this needs no checkpoint: the target
-is a random Llama with SmolLM2-135M's layout and the draft is the bundled one (random weights would do
-as well). For each method it reports the wall time per round and, from CUDA events around every graph
+is a random model of SmolLM2-135M's layout with the bundled draft (random weights would do as well), or
+with `--layout llama-3.1-8b` / `qwen2.5-7b` one of `bench/scale.py`'s layouts with a random draft. For each method it reports the wall time per round and, from CUDA events around every graph
 replay, the GPU time of the draft's tree proposal and of the verify forward; the rest of a round is
 eager launches and host work. `--profile` adds a torch.profiler table of host time per op,
 `--profile-graphs` the kernels inside each captured graph (count and device time per replay).
 
     PYTHONPATH=. python bench/round_cost.py --context 4096 --out $OUT
+    PYTHONPATH=. python bench/round_cost.py --layout llama-3.1-8b --context 131072 --new-tokens 64 \
+        --methods no_draft_compiled_all tree_compiled_all --profile-graphs --out $OUT
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ METHODS = {
         prompt_lookup_branches=2, prompt_lookup_under_draft=True, compile_draft=True, compile_target=True
     ),
 }
+
+
+def make_models(layout: str, device: torch.device) -> tuple[torch.nn.Module, LongSpecDraftModel]:
+    """A random bf16 target of `layout` and its draft: the bundled one for SmolLM2's layout, a random one
+    for the 8B layouts (`bench/scale.py`'s models)."""
+    if layout != "smollm2":
+        from scale import build_models
+
+        return build_models(layout, device, torch.bfloat16, seed=0)
+    target = LlamaForCausalLM(LlamaConfig(**SMOLLM2_LAYOUT)).to(device, torch.bfloat16).eval()
+    return target, LongSpecDraftModel.from_pretrained(bundled_draft_dir()).to(device, torch.bfloat16)
 
 
 class GraphTimer:
@@ -186,6 +199,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--layout", default="smollm2", choices=["smollm2", "llama-3.1-8b", "qwen2.5-7b"])
+    parser.add_argument("--method", action="append", default=[], metavar="NAME=JSON",
+                        help="an extra method: generate keyword arguments as JSON, e.g. 'wide={\"tree_widths\": [4, 8]}', "
+                             "and optionally \"draft_vocab_size\": N")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler GPU time per op (eager)")
     parser.add_argument("--profile-host", action="store_true", help="also print host time per op (with graphs)")
     parser.add_argument("--profile-graphs", action="store_true", help="also print the kernels inside each graph")
@@ -195,17 +212,27 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
 
+    for spec in args.method:
+        name, _, options = spec.partition("=")
+        METHODS[name] = json.loads(options or "{}")
+        args.methods.append(name)
+
     torch.manual_seed(0)
     device = torch.device("cuda")
-    target = LlamaForCausalLM(LlamaConfig(**SMOLLM2_LAYOUT)).to(device, torch.bfloat16).eval()
+    target, draft = make_models(args.layout, device)
     # No EOS, no logits processors: every call runs its full length on the greedy graph path.
     target.generation_config.pad_token_id = 0
     target.generation_config.eos_token_id = None
-    draft = LongSpecDraftModel.from_pretrained(bundled_draft_dir()).to(device, torch.bfloat16)
-    prompt = torch.randint(100, 49152, (1, args.context), device=device)
+    prompt = torch.randint(100, target.config.vocab_size, (1, args.context), device=device)
+    own_vocabulary = draft.draft_vocab_ids
     results = {}
     for method in args.methods:
-        kwargs = dict(assistant_model=draft, do_sample=False, **METHODS[method])
+        options = dict(METHODS[method])
+        # `draft_vocab_size` (a method option of this script, not of generate): the draft scores only the
+        # first that many token ids, as a draft with a draft vocabulary reads that many rows of the LM head.
+        vocab = options.pop("draft_vocab_size", None)
+        draft.set_draft_vocabulary(own_vocabulary if vocab is None else range(vocab))
+        kwargs = dict(assistant_model=draft, do_sample=False, **options)
         # Warm-up of the same shape: Triton compilation, cuBLAS, and the graphs, kept for the timed call.
         with KeptGraphs() if args.graph_nodes else contextlib.nullcontext():
             target.generate(prompt, max_new_tokens=args.new_tokens, **kwargs)

@@ -230,8 +230,6 @@ class DecodingSession:
             self._sampling = dict(draft_warpers=warpers, sample_children=self.rule.sample_children)
         self._propose_tree = DecodingSession._propose_graphed if graphed and not do_sample else DecodingSession._propose_eager
         self._run_target = self.workspace.verify if graphed else _eager_verify(self.target, self.cache, self.seq_len, self.pad_start, self.tokens)
-        # The target's compiled forward (compile_target) also runs the prefill.
-        self._prefill_forward = (graphed and self.workspace.verify.forward) or call_model
         # A greedy graphed draft reads only device state, so the next round's tree can be launched before
         # the host emits this round's tokens, and the two overlap.
         self.draft_ahead = graphed and not do_sample and bool(self.options.tree_widths)
@@ -264,27 +262,22 @@ class DecodingSession:
         """One target forward over prompt slots `[start, start + T)`; returns its last logits `(B, 1, V)`.
 
         The first chunk attends causally to itself; a later one also to the committed slots before it,
-        through the tree kernel with a causal mask. A prompt of one chunk runs through the compiled
-        forward when there is one (an eager forward launches each small kernel from Python, more than
-        the work of a short prompt; the prompt length is a dynamic dimension, so one graph serves every
-        length); chunks of a longer prompt run eagerly, their launches being a small part of their work.
+        through the tree kernel with a causal mask. The prefill runs eagerly also with `compile_target`:
+        tracing the target's whole forward once more (for a dynamic prompt length) would double the
+        first call's compilation, and the prefill's launches are a small part of its work except on
+        tiny targets.
         """
         length = input_ids.shape[1]
         self.cache.begin_prefill(start, start + length)
-        forward = call_model
         if start == 0:
             longspec = LongSpecAttentionInputs(self.cache, left_padded=bool(self.pad_start.any()))
-            if length == self.prompt_len and self._prefill_forward is not call_model:
-                forward = self._prefill_forward
-                for tensor in (input_ids, positions):
-                    torch._dynamo.maybe_mark_dynamic(tensor, 1)
         else:
             slots = torch.arange(start, start + length, device=self.device)
             causal = (slots[None, :] <= slots[:, None])[None] & (slots[None, None, :] >= self.pad_start[:, None, None])
             # Padding queries see themselves only (their outputs are never used), so no row is empty.
             tree_mask = causal | torch.eye(length, dtype=torch.bool, device=self.device)[None]
             longspec = LongSpecAttentionInputs(self.cache, tree_mask=tree_mask, chunk_depths=slots - start)
-        return forward(
+        return call_model(
             self.target,
             input_ids=input_ids,
             position_ids=positions,

@@ -79,7 +79,7 @@ class LongSpecOptions:
         cuda_graphs: replay the fixed-shape steps from CUDA graphs on a CUDA target (elsewhere the same
             steps run eagerly); False runs the plain eager loop.
         compile_draft: run the draft's graphed steps through `torch.compile` (greedy).
-        compile_target: run the target's verify forward and prefill through `torch.compile`.
+        compile_target: run the target's verify forward through `torch.compile` (the prefill stays eager).
         stats: a [`LongSpecStats`] the call fills in (keyword `longspec_stats`).
     """
 
