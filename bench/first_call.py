@@ -119,7 +119,7 @@ def run_one(args: argparse.Namespace) -> dict:
     """Load, make the mode's call once, and return the times from this process's launch."""
     launched = args.launched
     import torch
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
     import longspec_hf  # noqa: F401  (routes generate() with a LongSpec draft)
     from longspec_hf.generation.compiling import compile_cache_dir
@@ -154,6 +154,9 @@ def run_one(args: argparse.Namespace) -> dict:
         "new_tokens": output.shape[1] - prompt.shape[1],
         "cache_dir": str(compile_cache_dir(prompt.device)),
         "counters": {group: dict(counters[group]) for group in ("inductor", "aot_autograd", "frames")},
+        # Seconds per compiled frame, in the order compiled, of each of dynamo's timed phases (tracing,
+        # the backend, ...).
+        "compile_seconds": {phase: [round(s, 3) for s in times] for phase, times in compilation_time_metrics.items()},
     }
 
 

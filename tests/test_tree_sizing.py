@@ -7,6 +7,8 @@ layout's measured round costs on an H200 (BENCHMARKS.md, "At users' scale") and 
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -216,6 +218,37 @@ def test_the_prompts_lookup_matches_are_what_a_chain_would_have_matched():
     assert prompt_lookup_matches(long_row, length=8) == [0] * LOOKUP_ESTIMATE_POSITIONS
     repeating = (segment * 400)[:9000]
     assert prompt_lookup_matches(repeating, length=8) == [8] * LOOKUP_ESTIMATE_POSITIONS
+
+
+def _lookup_matches_one_position_at_a_time(row, length, positions, history):
+    """What `prompt_lookup_matches` computes, by its definition: an `NgramIndex` extended one token at a
+    time, its first continuation at every measured position scored with `chain_match`."""
+    from longspec_hf.generation.retrieval import NgramIndex, chain_match
+
+    first = max(1, len(row) - length - positions)
+    index = NgramIndex([row[max(0, first - history) : first]])
+    matches = []
+    for i in range(first, len(row) - length):
+        index.extend(0, [row[i]])
+        matches.append(chain_match(index.continuations(0, 1, length), row[i + 1 : i + 1 + length]))
+    return matches
+
+
+def test_lookup_match_estimate_equals_the_index_it_stands_for():
+    from longspec_hf.generation.retrieval import prompt_lookup_matches
+
+    rng = random.Random(11)
+    for _ in range(300):
+        size = rng.randrange(0, 120)
+        vocab = rng.choice([2, 3, 20, 50_000])
+        row = [rng.randrange(vocab) for _ in range(size)]
+        if size > 10 and rng.random() < 0.5:  # a repeating text with a few changed tokens
+            row = (row[: rng.randrange(3, 10)] * 60)[:size]
+            for _ in range(rng.randrange(4)):
+                row[rng.randrange(size)] = rng.randrange(vocab)
+        length, positions, history = rng.choice([1, 4, 16]), rng.choice([5, 30, 256]), rng.choice([0, 1, 3, 10, 4096])
+        expected = _lookup_matches_one_position_at_a_time(row, length, positions, history)
+        assert prompt_lookup_matches(row, length, positions, history) == expected, (row, length, positions, history)
 
 
 def test_automatic_lookup_chains_decode_exactly_and_only_when_not_given():

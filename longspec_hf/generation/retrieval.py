@@ -130,7 +130,7 @@ class NgramIndex:
 
 # What [`prompt_lookup_matches`] measures: chains at the prompt's last positions, looked up in the tokens
 # before them. It runs on the host before a call's first forward: these bounds keep it to a few
-# milliseconds (indexing the history is most of it).
+# milliseconds.
 LOOKUP_ESTIMATE_POSITIONS = 256
 LOOKUP_ESTIMATE_HISTORY = 4096
 
@@ -147,14 +147,46 @@ def prompt_lookup_matches(
     """What one lookup chain of `length` tokens would have gained along the row's own text, measured
     before any forward: for each of the row's last `positions` positions `i` whose next `length` tokens
     are known, how many of them the best continuation looked up in the `history` tokens before it
-    matches (bounded, so that a long prompt costs the host milliseconds)."""
+    matches (bounded, so that a long prompt costs the host milliseconds).
+
+    The same as running an [`NgramIndex`] of `row[lo:i + 1]` (`lo` = `history` tokens before the first
+    measured position) at every `i` and scoring its first continuation with [`chain_match`], done for all
+    positions at once: for n = `DEFAULT_MAX_NGRAM` down to 1, the latest end `e <= i` of an earlier
+    occurrence of the n tokens ending at `i`, found by a binary search over the occurrences sorted by
+    (n-gram, end); its continuation `row[e:i + 1]` (at most `length` tokens) is compared with `row[i + 1:]`.
+    """
     first = max(1, len(row) - length - positions)
-    index = NgramIndex([row[max(0, first - history) : first]])
-    matches = []
-    for i in range(first, len(row) - length):
-        index.extend(0, [row[i]])
-        matches.append(chain_match(index.continuations(0, 1, length), row[i + 1 : i + 1 + length]))
-    return matches
+    lo = max(0, first - history)
+    if len(row) - length <= first:
+        return []
+    tokens = torch.tensor(row, dtype=torch.long)
+    size = torch.arange(first, len(row) - length) + 1  # (P,) the text is known up to position i = size - 1
+    ends = torch.arange(lo + 1, len(row) - length)  # (E,) ends (exclusive) of earlier n-grams
+    # The n tokens before each end, and before each i + 1, as one number: digits are the tokens' ranks among
+    # the row's distinct tokens (so that three digits fit in 64 bits for any vocabulary).
+    digits = torch.unique(tokens, return_inverse=True)[1] + 1
+    base = int(digits.max()) + 1
+    at = torch.cat([ends, size])
+    keys = torch.zeros_like(at)
+    stride = len(row) + 1  # an (n-gram, end) pair as one sortable number: rank of the n-gram * stride + end
+    begin = torch.full_like(size, -1)
+    for n in range(1, DEFAULT_MAX_NGRAM + 1):  # a longer n-gram's match overrides a shorter one's
+        keys = keys * base + digits[(at - n).clamp(min=lo)]
+        inside = ends >= lo + n  # n-grams of the indexed text only
+        if not inside.any():
+            break
+        rank = torch.unique(keys, return_inverse=True)[1]
+        occurrences = (rank[: len(ends)][inside] * stride + ends[inside]).sort().values
+        wanted = rank[len(ends):] * stride + size  # the latest occurrence of the same n-gram ending before i + 1
+        index = torch.searchsorted(occurrences, wanted) - 1
+        found = occurrences[index.clamp(min=0)]
+        hit = (index >= 0) & (found // stride == rank[len(ends):]) & (size - lo >= n)
+        begin = torch.where(hit, found % stride, begin)
+    offsets = torch.arange(length)
+    proposed = tokens[(begin[:, None] + offsets).clamp(min=0, max=len(row) - 1)]
+    actual = tokens[size[:, None] + offsets]
+    known = (begin[:, None] >= 0) & (begin[:, None] + offsets < size[:, None])  # the chain ends where the text does
+    return (proposed.eq(actual) & known).long().cumprod(dim=1).sum(dim=1).tolist()
 
 
 def find_continuations(
