@@ -83,6 +83,7 @@ LAYOUTS: dict[str, tuple[type, type, dict]] = {
 DEFAULT_TREE = [4, 16, 16, 16, 16]
 SMALL_TREE = [2, 4, 4, 4]
 DRAFT = "<draft>"  # stands for the draft model in METHODS
+DRAFT_VOCAB = "<draft vocabulary size>"  # a method's draft vocabulary: the first that many token ids
 LONGSPEC = {"assistant_model": DRAFT}
 COMPILED = {"compile_draft": True, "compile_target": True}
 # name -> generate keyword arguments (besides the prompt, max_new_tokens, do_sample=False, the streamer and
@@ -100,6 +101,10 @@ METHODS: dict[str, dict] = {
     # No tree_widths: the tree generate chooses for the context (the default); the case records it.
     "auto_tree_graphs": {**LONGSPEC},
     "auto_tree_compiled": {**LONGSPEC, **COMPILED},
+    # The draft scoring a 32768-token draft vocabulary (`longspec draft-vocab`; the bundled SmolLM2 draft,
+    # whose tau the projections use, drafts over 16384 of 49152 tokens): each draft level reads a quarter
+    # of the LM head.
+    "auto_tree_vocab_compiled": {**LONGSPEC, **COMPILED, DRAFT_VOCAB: 32768},
 }
 
 
@@ -121,8 +126,13 @@ def compiles(name: str) -> bool:
 
 
 def generate_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
-    """`METHODS[name]` with the draft in place of `DRAFT` (lists copied)."""
-    return {k: draft if v is DRAFT else (list(v) if isinstance(v, list) else v) for k, v in METHODS[name].items()}
+    """`METHODS[name]` with the draft in place of `DRAFT` (lists copied); sets the draft's vocabulary to
+    the method's `DRAFT_VOCAB` (at most the target's vocabulary; the whole vocabulary without one)."""
+    options = dict(METHODS[name])
+    vocab = options.pop(DRAFT_VOCAB, None)
+    if vocab is not None or draft.config.draft_vocab_size is not None:
+        draft.set_draft_vocabulary(None if vocab is None else range(min(vocab, draft.config.target_vocab_size)))
+    return {k: draft if v is DRAFT else (list(v) if isinstance(v, list) else v) for k, v in options.items()}
 
 
 def add_longspec_method(spec: str) -> str:
@@ -285,6 +295,9 @@ def synchronize(device: torch.device) -> None:
 
 def timed_call(target, draft, name: str, prompt: torch.Tensor, new_tokens: int, skip: int) -> Call:
     kwargs = generate_kwargs(name, draft)
+    # A random draft is never accepted: what its calls would teach the running prior is not what a trained
+    # draft's teach, so every call sizes its tree from the draft's prior, as a trained draft's first call.
+    longspec_hf.forget_acceptance(draft)
     stats = LongSpecStats() if is_longspec(name) else None
     if stats is not None:
         kwargs["longspec_stats"] = stats

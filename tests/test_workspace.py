@@ -221,13 +221,14 @@ def test_compiled_draft_drafts_like_the_eager_one_in_its_own_workspace():
     assert counters["frames"]["ok"] == compiled_frames
 
 
-def test_compiled_target_verifies_like_the_eager_one():
-    """`compile_target=True` runs the target's prefill and verify forwards through torch.compile: outputs
+def test_compiled_target_verifies_like_the_eager_one(monkeypatch):
+    """`compile_target=True` runs the target's verify forwards through torch.compile: outputs
     equal plain generate (a padded batch, greedy), the same tokens accepted round by round as eagerly,
     sampling draws the same tokens for the same seed, and another prompt length compiles nothing new."""
     from torch._dynamo.utils import counters
 
     from longspec_hf import LongSpecStats
+    from longspec_hf.generation.compiling import call_model
 
     rng = random.Random("compiled target")
     target = make_target("llama", seed=31)
@@ -249,16 +250,19 @@ def test_compiled_target_verifies_like_the_eager_one():
     assert compiled_accepted == eager_accepted and max(compiled_accepted) > 1
     assert kept(draft).key.compile_target and kept(draft).verify.forward is not None
     assert kept(draft).verify.acceptance is not None  # the greedy acceptance compiles with the forward
-    # The prefill goes through the compiled forward too (the verify graphs hold it already).
-    verify, prefill_lengths = kept(draft).verify, []
-    compiled_forward = verify.forward
-    verify.forward = lambda model, **inputs: prefill_lengths.append(inputs["input_ids"].shape[1]) or compiled_forward(model, **inputs)
-    assert torch.equal(run(compile_target=True)[0], reference)
-    verify.forward = compiled_forward
-    assert prefill_lengths == [ids.shape[1]]
+    # The prefill runs eagerly (tracing the forward again for it would double the first call's compile).
+    from longspec_hf.generation import decoding
 
-    # The prompt length is a dynamic dimension of the compiled prefill and the cache capacity one of the
-    # compiled verify: once both paddings have run (the prefill attention differs), new lengths compile nothing.
+    eager_lengths = []
+    monkeypatch.setattr(
+        decoding, "call_model", lambda model, **inputs: eager_lengths.append(inputs["input_ids"].shape[1]) or call_model(model, **inputs)
+    )
+    assert torch.equal(run(compile_target=True)[0], reference)
+    monkeypatch.undo()
+    assert eager_lengths == [ids.shape[1]]
+
+    # The cache capacity is a dynamic dimension of the compiled verify: new prompt lengths, padded or not,
+    # compile nothing.
     for length in (300, 170):
         compiled_frames = counters["frames"]["ok"]
         longer = torch.randint(3, target.config.vocab_size, (2, length))
@@ -377,9 +381,11 @@ def test_drafting_the_next_tree_before_the_host_reads_the_round_changes_no_propo
         assert accepted[0] == accepted[1] and max(accepted[0]) > 1, widths
 
 
-def test_a_replaced_or_released_workspace_is_freed_without_the_garbage_collector():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_replaced_or_released_workspace_is_freed_without_the_garbage_collector(compiled):
     """No reference cycle holds a workspace: with the collector off, the cache of a workspace that a call
-    of another shape replaced (or that release_workspace dropped) is gone at once."""
+    of another shape replaced (or that release_workspace dropped) is gone at once. Compiled: neither the
+    compiled draft steps nor what dynamo's tracing of the target's forward keeps of its inputs."""
     import gc
     import weakref
 
@@ -391,9 +397,10 @@ def test_a_replaced_or_released_workspace_is_freed_without_the_garbage_collector
     collecting = gc.isenabled()
     gc.disable()
     try:
-        target.generate(ids, assistant_model=draft, max_new_tokens=8, do_sample=False, tree_widths=[2, 2])
+        options = dict(compile_draft=True, compile_target=True) if compiled else {}
+        target.generate(ids, assistant_model=draft, max_new_tokens=8, do_sample=False, tree_widths=[2, 2], **options)
         first = weakref.ref(kept(draft).cache.kv)
-        target.generate(ids, assistant_model=draft, max_new_tokens=8, do_sample=False, tree_widths=[3])
+        target.generate(ids, assistant_model=draft, max_new_tokens=8, do_sample=False, tree_widths=[3], **options)
         assert first() is None, "the replaced workspace's K/V is still alive"
         second = weakref.ref(kept(draft).cache.kv)
         release_workspace(draft)

@@ -7,6 +7,8 @@ transformers' own assisted-decoding loop (batch size 1).
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Sequence
 
 import torch
@@ -62,7 +64,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         self.max_length = max_length
         self.target_parts = draft.target_parts_of(target)
         self.cache = draft.new_cache(batch_size, max_tree_nodes=sum(self.tree_widths))
-        self._compiled_passes: tuple[Callable, Callable] | None = None
+        self._compiled_passes: tuple[Callable, Callable] | None = None  # the steps compiled, unbound
 
     def _block_passes(self, compiled: bool) -> tuple[Callable, Callable]:
         """The draft's root step ([`_feed_ring_and_query_root`]) and level step ([`_fill_and_query_level`]),
@@ -73,12 +75,14 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             # Shapes are fixed per tree (one specialisation per level), except the target cache's
             # capacity, which `propose_tree` marks dynamic. Inductor fuses the block's norms, rotary
             # embeddings, masks and residuals, and the steps' index and tree bookkeeping, into a few
-            # kernels.
+            # kernels. The functions are compiled unbound: compiled bound methods kept on `self` would
+            # be a reference cycle, holding a dropped workspace's memory until the garbage collector runs.
             self._compiled_passes = (
-                compile_fixed_shapes(self._feed_ring_and_query_root),
-                compile_fixed_shapes(self._fill_and_query_level),
+                compile_fixed_shapes(type(self)._feed_ring_and_query_root),
+                compile_fixed_shapes(type(self)._fill_and_query_level),
             )
-        return self._compiled_passes
+        root_step, level_step = self._compiled_passes
+        return functools.partial(root_step, self), functools.partial(level_step, self)
 
     def refresh(self) -> None:
         """Re-read what the draft takes from the target's LM head (its draft vocabulary's rows), in

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.metadata
 import json
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch._dynamo.utils import counters
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -59,8 +61,15 @@ def compile_fixed_shapes(fn: Callable[..., Output]) -> Callable[..., Output]:
 
     def call(*args, **kwargs) -> Output:
         limit = max(torch._dynamo.config.recompile_limit, SPECIALISATIONS)
+        frames = counters["frames"]["total"]
         with persistent_compile_caches(_device_of(args, kwargs)), torch._dynamo.config.patch(recompile_limit=limit):
-            return compiled(*args, **kwargs)
+            output = compiled(*args, **kwargs)
+        if counters["frames"]["total"] != frames:
+            # Dynamo's tracing state is a web of reference cycles that holds the traced call's inputs
+            # (a whole KV cache, the target) until a full garbage collection, which may come much later:
+            # collect it now, so that a workspace dropped after this call frees its memory at once.
+            gc.collect()
+        return output
 
     return call
 
