@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import importlib.metadata
 import json
 import os
@@ -38,6 +37,8 @@ from typing import TypeVar
 import torch
 from torch._dynamo.utils import counters
 from transformers.utils import logging
+
+from .cuda_graphs import collect_garbage
 
 logger = logging.get_logger(__name__)
 
@@ -68,7 +69,7 @@ def compile_fixed_shapes(fn: Callable[..., Output]) -> Callable[..., Output]:
             # Dynamo's tracing state is a web of reference cycles that holds the traced call's inputs
             # (a whole KV cache, the target) until a full garbage collection, which may come much later:
             # collect it now, so that a workspace dropped after this call frees its memory at once.
-            gc.collect()
+            collect_garbage()
         return output
 
     return call

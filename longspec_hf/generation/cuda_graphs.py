@@ -26,8 +26,16 @@ import torch
 
 Output = TypeVar("Output")
 
-# One capture at a time in the process (see GraphedCall).
-_CAPTURING = threading.Lock()
+# One capture at a time in the process (see GraphedCall); re-entrant, so that code run by a capture can
+# call `collect_garbage`.
+_CAPTURING = threading.RLock()
+
+
+def collect_garbage() -> None:
+    """A full garbage collection, made while no other thread captures a graph (one caught in a reference
+    cycle and destroyed in the middle of a capture would make that capture fail)."""
+    with _CAPTURING:
+        gc.collect()
 
 
 class GraphedCall(Generic[Output]):
