@@ -8,7 +8,6 @@ transformers' own assisted-decoding loop (batch size 1).
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Callable, Sequence
 
 import torch

@@ -163,7 +163,8 @@ def prompt_lookup_matches(
     size = torch.arange(first, len(row) - length) + 1  # (P,) the text is known up to position i = size - 1
     ends = torch.arange(lo + 1, len(row) - length)  # (E,) ends (exclusive) of earlier n-grams
     # The n tokens before each end, and before each i + 1, as one number: digits are the tokens' ranks among
-    # the row's distinct tokens (so that three digits fit in 64 bits for any vocabulary).
+    # the row's distinct tokens, so that three digits fit in 64 bits for any vocabulary (and rows of up to
+    # two million tokens; the estimate reads a few thousand).
     digits = torch.unique(tokens, return_inverse=True)[1] + 1
     base = int(digits.max()) + 1
     at = torch.cat([ends, size])
