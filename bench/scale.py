@@ -130,8 +130,11 @@ def generate_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
     the method's `DRAFT_VOCAB` (at most the target's vocabulary; the whole vocabulary without one)."""
     options = dict(METHODS[name])
     vocab = options.pop(DRAFT_VOCAB, None)
-    if vocab is not None or draft.config.draft_vocab_size is not None:
-        draft.set_draft_vocabulary(None if vocab is None else range(min(vocab, draft.config.target_vocab_size)))
+    if vocab is not None:
+        vocab = min(vocab, draft.config.target_vocab_size)
+    # Only a change of vocabulary makes a new head (and so a new workspace): the calls of one method share one.
+    if draft.config.draft_vocab_size != vocab:
+        draft.set_draft_vocabulary(None if vocab is None else range(vocab))
     return {k: draft if v is DRAFT else (list(v) if isinstance(v, list) else v) for k, v in options.items()}
 
 
