@@ -9,7 +9,9 @@ mode (`no_draft`: `tree_widths=[]`; `tree`: the draft's tree; `hybrid`: the tree
 chains) this runs `--runs` Python processes one after another, each making one `generate` call: the first
 with an empty compile cache folder (`LONGSPEC_HF_COMPILE_CACHE`, and empty folders of its own for what
 torch and Triton compile outside LongSpec's compiled steps), the next ones finding what the earlier ones
-stored (under `--cache-dir`, a temporary folder by default). Each process reports, in
+stored (under `--cache-dir`, a temporary folder by default). Python's bytecode caches go to a folder
+there as well, shared by all runs, so that a read-only environment without them does not recompile the
+modules a compile imports in every process. Each process reports, in
 seconds from its launch: `ready` (imports and models loaded, the call starts), `first token` (the
 streamer gets the token of the prefill), `first round` (the streamer gets the tokens of the first
 LongSpec round: draft, verify, accept; the "first LongSpec token"), `end` (the call returned), and the
@@ -25,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
 import json
 import os
+import pstats
 import shutil
 import subprocess
 import sys
@@ -129,6 +134,9 @@ def run_one(args: argparse.Namespace) -> dict:
     synchronize = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
     synchronize()
     ready = time.time()
+    profiler = cProfile.Profile() if args.profile_file else None
+    if profiler is not None:
+        profiler.enable()
     output = target.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
@@ -142,6 +150,13 @@ def run_one(args: argparse.Namespace) -> dict:
     )
     synchronize()
     end = time.time()
+    if profiler is not None:
+        profiler.disable()
+        report = io.StringIO()
+        stats = pstats.Stats(profiler, stream=report).sort_stats("cumulative")
+        stats.print_stats(150)
+        stats.print_stats("longspec_hf", 60)
+        Path(args.profile_file).write_text(report.getvalue())
     first_round = streamer.puts[1][0] if len(streamer.puts) > 1 else None
     return {
         "mode": args.mode,
@@ -180,13 +195,18 @@ def run_mode(args: argparse.Namespace, mode: str, caches: Path) -> list[dict]:
     # kernels, for one): empty for the first process as well.
     env["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
     env["TRITON_CACHE_DIR"] = str(folder / "triton")
+    # Python's bytecode of the modules a compile imports (Inductor's, for one): pip writes it at install
+    # time, but a read-only environment without it recompiles those modules from source in every process.
+    # Kept in a folder shared by all runs (the first process writes it), as in an installed environment.
+    env["PYTHONPYCACHEPREFIX"] = str(caches / "bytecode")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
     results = []
     for run in range(args.runs):
         launched = time.time()
-        completed = subprocess.run(
-            [*child_command(args, mode), "--launched", repr(launched)], env=env, capture_output=True, text=True
-        )
+        command = [*child_command(args, mode), "--launched", repr(launched)]
+        if args.profile:
+            command += ["--profile-file", str(Path(args.out_dir) / f"profile_{mode}_{run}.txt")]
+        completed = subprocess.run(command, env=env, capture_output=True, text=True)
         if completed.returncode != 0:
             sys.stderr.write(completed.stderr[-5000:])
             raise SystemExit(f"{mode} run {run} failed (exit {completed.returncode})")
@@ -228,7 +248,10 @@ def main() -> None:
     parser.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     parser.add_argument("--cache-dir", default=None,
                         help="where the runs' compile caches go (default: a temporary folder, removed at the end)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write each call's cProfile report (cumulative) to profile_MODE_RUN.txt in --out-dir")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-file", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -241,7 +264,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         caches = Path(args.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="first_call_")))
         results = [result for mode in args.modes for result in run_mode(args, mode, caches)]
-    settings = {name: value for name, value in vars(args).items() if name not in ("child", "mode", "launched")}
+    settings = {name: value for name, value in vars(args).items() if name not in ("child", "mode", "launched", "profile_file")}
     (out / "first_call.json").write_text(json.dumps({"settings": settings, "runs": results}, indent=2) + "\n")
     device = results[0]["device"] if results else "?"
     table = "\n".join([HEADER, *(markdown_row(r) for r in results)])

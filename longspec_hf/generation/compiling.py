@@ -62,17 +62,27 @@ def compile_fixed_shapes(fn: Callable[..., Output]) -> Callable[..., Output]:
 
     def call(*args, **kwargs) -> Output:
         limit = max(torch._dynamo.config.recompile_limit, SPECIALISATIONS)
-        frames = counters["frames"]["total"]
         with persistent_compile_caches(_device_of(args, kwargs)), torch._dynamo.config.patch(recompile_limit=limit):
-            output = compiled(*args, **kwargs)
-        if counters["frames"]["total"] != frames:
-            # Dynamo's tracing state is a web of reference cycles that holds the traced call's inputs
-            # (a whole KV cache, the target) until a full garbage collection, which may come much later:
-            # collect it now, so that a workspace dropped after this call frees its memory at once.
-            collect_garbage()
-        return output
+            return compiled(*args, **kwargs)
 
     return call
+
+
+@contextlib.contextmanager
+def collect_after_compiling() -> Iterator[None]:
+    """A full garbage collection at the end of the block if anything was compiled inside it.
+
+    Dynamo's tracing state is a web of reference cycles that holds the traced call's inputs (a whole KV
+    cache, the target) until a full collection, which may come much later: collected at the end of the
+    call that compiled, a workspace dropped after it frees its memory at once. Once per call, not per
+    compiled step: a collection in a process that has loaded Inductor takes about 0.3 s.
+    """
+    frames = counters["frames"]["total"]
+    try:
+        yield
+    finally:
+        if counters["frames"]["total"] != frames:
+            collect_garbage()
 
 
 def call_model(model: torch.nn.Module, **inputs):

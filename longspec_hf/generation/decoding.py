@@ -41,7 +41,7 @@ from ..modeling import LongSpecDraftModel, cache_keyword
 from . import _compat
 from .adaptive import Plan, RoundPlanner, row_outcomes
 from .attention import LongSpecAttentionInputs, longspec_attention
-from .compiling import call_model
+from .compiling import call_model, collect_after_compiling
 from .cuda_graphs import GraphedCall
 from .options import LongSpecOptions
 from .output import OutputCollector
@@ -103,7 +103,7 @@ def decode(
     if max_new_tokens <= 0:
         return output.finish(input_ids, generation_config.return_dict_in_generate)
     accept_in_graph = not generation_config.do_sample and len(logits_processor) == 0
-    with claim_workspace(
+    with collect_after_compiling(), claim_workspace(
         target, draft, input_ids, options, max_new_tokens, accept_in_graph=accept_in_graph, do_sample=generation_config.do_sample
     ) as workspace:
         session = DecodingSession(target, workspace, input_ids, pad_start, options, generation_config, logits_processor, output)
