@@ -196,9 +196,11 @@ def run_mode(args: argparse.Namespace, mode: str, caches: Path) -> list[dict]:
     env["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
     env["TRITON_CACHE_DIR"] = str(folder / "triton")
     # Python's bytecode of the modules a compile imports (Inductor's, for one): pip writes it at install
-    # time, but a read-only environment without it recompiles those modules from source in every process.
-    # Kept in a folder shared by all runs (the first process writes it), as in an installed environment.
+    # time, but an environment without it that writes none (PYTHONDONTWRITEBYTECODE) recompiles those
+    # modules from source in every process. Written to a folder shared by all runs (by the first process),
+    # as an installed environment has it.
     env["PYTHONPYCACHEPREFIX"] = str(caches / "bytecode")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
     results = []
     for run in range(args.runs):
