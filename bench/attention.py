@@ -179,6 +179,8 @@ SWEEP_CONFIGS = {
     "m256_n32_w8_s3": dict(BLOCK_M=256, BLOCK_N=32, num_warps=8, num_stages=3),
     "m256_n32_w16_s4": dict(BLOCK_M=256, BLOCK_N=32, num_warps=16, num_stages=4),
     "m128_n32_w4_s4": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
+    "m256_n128_w16_s2": dict(BLOCK_M=256, BLOCK_N=128, num_warps=16, num_stages=2),
+    "m128_n128_w8_s1": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=1),
 }
 SWEEP_POINTS = [("Llama-3-8B", 32768, 64), ("Llama-3-8B", 131072, 64), ("Llama-3-8B", 131072, 16),
                 ("Llama-3-8B", 131072, 128), ("Qwen2.5-7B", 131072, 64), ("SmolLM2-135M", 131072, 64),
