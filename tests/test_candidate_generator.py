@@ -27,6 +27,7 @@ def test_transformers_assisted_loop_with_a_longspec_chain_matches_plain_generate
             max_length=generation_config.max_length,
         )
         built.append(generator)
+        assert generator.num_drafting_tokens == 4
         return generator
 
     for seed in range(5):

@@ -283,5 +283,11 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             chain = chain[: max(self.max_length - length - 1, 0)]
         return torch.cat([input_ids, chain[None].to(input_ids.dtype)], dim=1), None
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """Tokens drafted per round: the tree's depth, the most `get_candidates` ever proposes (transformers'
+        assisted loop reads it to size what a recurrent target cache keeps for rolling back)."""
+        return len(self.tree_widths)
+
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
         """The tree shape is fixed per call; nothing to adapt."""
