@@ -10,8 +10,8 @@ chains) this runs `--runs` Python processes one after another, each making one `
 with an empty compile cache folder (`LONGSPEC_HF_COMPILE_CACHE`, and empty folders of its own for what
 torch and Triton compile outside LongSpec's compiled steps), the next ones finding what the earlier ones
 stored (under `--cache-dir`, a temporary folder by default). Python's bytecode caches go to a folder
-there as well, shared by all runs, so that a read-only environment without them does not recompile the
-modules a compile imports in every process. Each process reports, in
+there as well, shared by all runs and written also where `PYTHONDONTWRITEBYTECODE` is set, so that an
+environment without them does not recompile the modules a compile imports in every process. Each process reports, in
 seconds from its launch: `ready` (imports and models loaded, the call starts), `first token` (the
 streamer gets the token of the prefill), `first round` (the streamer gets the tokens of the first
 LongSpec round: draft, verify, accept; the "first LongSpec token"), `end` (the call returned), and the

@@ -26,9 +26,8 @@ import torch
 
 Output = TypeVar("Output")
 
-# One capture at a time in the process (see GraphedCall); re-entrant, so that code run by a capture can
-# call `collect_garbage`.
-_CAPTURING = threading.RLock()
+# One capture at a time in the process (see GraphedCall), and no `collect_garbage` during one.
+_CAPTURING = threading.Lock()
 
 
 def collect_garbage() -> None:
