@@ -39,6 +39,7 @@ Methods are a table of name -> `generate` keyword arguments (`METHODS`): adding 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -84,8 +85,11 @@ DEFAULT_TREE = [4, 16, 16, 16, 16]
 SMALL_TREE = [2, 4, 4, 4]
 DRAFT = "<draft>"  # stands for the draft model in METHODS
 DRAFT_VOCAB = "<draft vocabulary size>"  # a method's draft vocabulary: the first that many token ids
+ENVIRONMENT = "<environment>"  # variables set while a method's calls run
 LONGSPEC = {"assistant_model": DRAFT}
 COMPILED = {"compile_draft": True, "compile_target": True}
+# The compiled target with the projections of one input grouped into one kernel (fused_projections.py).
+FUSED = {ENVIRONMENT: {"LONGSPEC_HF_FUSED_PROJECTIONS": "1"}}
 # name -> generate keyword arguments (besides the prompt, max_new_tokens, do_sample=False, the streamer and
 # longspec_stats). LongSpec methods run with CUDA graphs on a CUDA target ("graphs": the steps captured,
 # "compiled": also through torch.compile). Display order; `--methods` gives the run order.
@@ -105,6 +109,9 @@ METHODS: dict[str, dict] = {
     # whose tau the projections use, drafts over 16384 of 49152 tokens): each draft level reads a quarter
     # of the LM head.
     "auto_tree_vocab_compiled": {**LONGSPEC, **COMPILED, DRAFT_VOCAB: 32768},
+    "no_draft_fused_compiled": {**LONGSPEC, "tree_widths": [], **COMPILED, **FUSED},
+    "auto_tree_fused_compiled": {**LONGSPEC, **COMPILED, **FUSED},
+    "auto_tree_vocab_fused_compiled": {**LONGSPEC, **COMPILED, DRAFT_VOCAB: 32768, **FUSED},
 }
 
 
@@ -129,6 +136,7 @@ def generate_kwargs(name: str, draft: LongSpecDraftModel) -> dict:
     """`METHODS[name]` with the draft in place of `DRAFT` (lists copied); sets the draft's vocabulary to
     the method's `DRAFT_VOCAB` (at most the target's vocabulary; the whole vocabulary without one)."""
     options = dict(METHODS[name])
+    options.pop(ENVIRONMENT, None)
     vocab = options.pop(DRAFT_VOCAB, None)
     if vocab is not None:
         vocab = min(vocab, draft.config.target_vocab_size)
@@ -307,8 +315,9 @@ def timed_call(target, draft, name: str, prompt: torch.Tensor, new_tokens: int, 
     clock = RoundClock()
     synchronize(prompt.device)
     start = time.perf_counter()
-    out = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, do_sample=False,
-                          streamer=clock, **kwargs)
+    with environment(METHODS[name].get(ENVIRONMENT, {})):
+        out = target.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                              do_sample=False, streamer=clock, **kwargs)
     synchronize(prompt.device)
     end = time.perf_counter()
     generated = out.shape[1] - prompt.shape[1]
@@ -317,6 +326,21 @@ def timed_call(target, draft, name: str, prompt: torch.Tensor, new_tokens: int, 
     tau = stats.mean_accepted_length if stats is not None else None
     tree = list(stats.tree_widths) if stats is not None else None
     return analyse_call(start, clock.times, end, rounds, generated, skip, tau, tree)
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    """`os.environ` updated with `variables` inside the block."""
+    outside = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in outside.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ----- memory ----------------------------------------------------------------------------------------------------
@@ -406,7 +430,8 @@ class Budget:
         # transformers' static cache is compiled per cache length (until dynamo makes it dynamic).
         if METHODS[method].get("cache_implementation") == "static":
             return (model, batch, method, context)
-        return (model, batch, tree_of(method), bool(METHODS[method].get("compile_draft")))
+        environment = tuple(sorted(METHODS[method].get(ENVIRONMENT, {}).items()))
+        return (model, batch, tree_of(method), bool(METHODS[method].get("compile_draft")), environment)
 
     def predict_s(self, model: str, config, batch: int, context: int, method: str, calls: int, new_tokens: int) -> float:
         prefill = self.prefill.get((model, batch, context))

@@ -52,7 +52,7 @@ CUSTOM_GENERATE_DIR = "custom_generate"
 # the lower ends of the package's own dependencies.
 CUSTOM_GENERATE_REQUIREMENTS = ("transformers>=5.17", "torch>=2.11")
 # Modules that need Triton: left out of every export (imported only under `except ImportError`).
-TRITON_KERNELS = frozenset({"kernels.compaction", "kernels.topk", "kernels.tree_attention"})
+TRITON_KERNELS = frozenset({"kernels.compaction", "kernels.projections", "kernels.topk", "kernels.tree_attention"})
 
 _IMPORT_HEAD = re.compile(rb"from\s+\.+[\w.]*\s+import\b")
 _HEADER_START = "# Generated from "

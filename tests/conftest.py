@@ -70,3 +70,13 @@ def make_draft(target, seed: int = 1, sliding_window: int = 16, **overrides) -> 
 def llama_pair():
     target = make_target("llama")
     return target, make_draft(target)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(request):
+    """The results of the test module's `interpreter_cases()`, run once in a child process whose Triton
+    runs in the interpreter (kernel tests on CPU)."""
+    pytest.importorskip("triton")
+    from longspec_hf.kernels import testing
+
+    return testing.run_in_triton_interpreter(request.module.__file__, "interpreter_cases")

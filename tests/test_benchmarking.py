@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -198,6 +199,15 @@ def test_scale_methods_are_a_table_of_generate_arguments(scale):
         del scale.METHODS[name]
     with pytest.raises(SystemExit):
         scale.add_longspec_method("tree_graphs={}")
+    # A method's environment is set around its calls only, and is no generate argument.
+    assert scale.ENVIRONMENT not in scale.generate_kwargs("no_draft_fused_compiled", draft)
+    variables = scale.METHODS["no_draft_fused_compiled"][scale.ENVIRONMENT]
+    assert variables == {"LONGSPEC_HF_FUSED_PROJECTIONS": "1"} and "LONGSPEC_HF_FUSED_PROJECTIONS" not in os.environ
+    with scale.environment(variables):
+        assert os.environ["LONGSPEC_HF_FUSED_PROJECTIONS"] == "1"
+    assert "LONGSPEC_HF_FUSED_PROJECTIONS" not in os.environ
+    assert scale.Budget.compile_key(None, "m", 1, "no_draft_fused_compiled", 4096) != scale.Budget.compile_key(
+        None, "m", 1, "no_draft_compiled", 4096)
 
 
 def test_scale_tau_file_and_projection(scale, tmp_path):

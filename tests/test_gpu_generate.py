@@ -232,13 +232,18 @@ def first_divergence_margin(target, reference, output, mask) -> float | None:
     return float(logits.max() - logits[output[row, position]])
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["cublas", "fused_projections"])
 @pytest.mark.parametrize("lookup", [0, 2])
-def test_compiled_target_on_cuda_matches_plain_generate(lookup):
+def test_compiled_target_on_cuda_matches_plain_generate(lookup, fused, monkeypatch):
     """`compile_target=True` (with `compile_draft=True`): the target's verify forward runs through
     torch.compile inside its CUDA graph (the tree attention as an opaque custom op), across prompt lengths
-    (cache capacities), with and without prompt-lookup chains. Inductor's kernels round differently from
+    (cache capacities), with and without prompt-lookup chains, and with the projections of one input
+    grouped into one kernel (`LONGSPEC_HF_FUSED_PROJECTIONS=1`). Inductor's kernels round differently from
     eager ones, so in fp32 an output may leave plain generate's only where the target's two best logits
     tie within rounding (a margin below 1e-3); every other token is the same."""
+    from longspec_hf.generation.fused_projections import ENVIRONMENT_VARIABLE
+
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1" if fused else "0")
     rng = random.Random(f"compiled-target-{lookup}")
     target = make_target("llama", seed=11, num_key_value_heads=2, hidden_size=64, num_attention_heads=4).cuda()
     draft = make_draft(target, seed=12).cuda()

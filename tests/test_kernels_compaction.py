@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from longspec_hf import kernels
-from longspec_hf.kernels import reference, testing
+from longspec_hf.kernels import reference
 
 # name -> (layers, batch, KV heads, slots, scratch slots, head dim, kept entries per row, scratch aliases cache)
 CPU_CASES = {
@@ -66,12 +66,6 @@ def interpreter_cases() -> dict:
             except Exception:
                 results[f"{name}-{dtype_name}"] = dict(error=traceback.format_exc())
     return results
-
-
-@pytest.fixture(scope="module")
-def interpreter_results():
-    pytest.importorskip("triton")
-    return testing.run_in_triton_interpreter(__file__, "interpreter_cases")
 
 
 @pytest.mark.parametrize("key", [f"{name}-{d}" for name in CPU_CASES for d in CPU_DTYPES])

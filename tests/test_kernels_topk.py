@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from longspec_hf import kernels
-from longspec_hf.kernels import reference, testing
+from longspec_hf.kernels import reference
 
 # name -> (rows, vocab, k, chunk size)
 CPU_CASES = {
@@ -130,12 +130,6 @@ def compare_beam(tokens, parent_local, scores, child_scores, child_tokens, paren
         tie_order=tie_order,
         dtypes=[str(tokens.dtype), str(parent_local.dtype), str(scores.dtype)],
     )
-
-
-@pytest.fixture(scope="module")
-def interpreter_results():
-    pytest.importorskip("triton")
-    return testing.run_in_triton_interpreter(__file__, "interpreter_cases")
 
 
 @pytest.mark.parametrize("key", [f"{name}-{d}" for name in CPU_CASES for d in CPU_DTYPES])

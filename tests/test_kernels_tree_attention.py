@@ -183,12 +183,6 @@ def interpreter_cases() -> dict:
     return results
 
 
-@pytest.fixture(scope="module")
-def interpreter_results():
-    pytest.importorskip("triton")
-    return testing.run_in_triton_interpreter(__file__, "interpreter_cases")
-
-
 CPU_KEYS = [f"{name}-{d}" for name in CPU_CASES for d in CPU_DTYPES]
 CPU_KEYS += [f"ragged_gqa_splits-{d}-two_pass" for d in CPU_DTYPES]
 CPU_KEYS += [f"cross_attention_tree-{d}-dispatch" for d in CPU_DTYPES]

@@ -36,6 +36,7 @@ from typing import TypeVar
 
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from transformers.utils import logging
 
 from .cuda_graphs import collect_garbage
@@ -54,11 +55,13 @@ DISABLED = "off"
 _TORCH_CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
-def compile_fixed_shapes(fn: Callable[..., Output]) -> Callable[..., Output]:
+def compile_fixed_shapes(fn: Callable[..., Output], graph_pass: CustomGraphPass | None = None) -> Callable[..., Output]:
     """`torch.compile(fn, dynamic=False)`, called with dynamo allowed `SPECIALISATIONS` specialisations of
     it and torch's compile caches in the persistent folder of the device it runs on (see the module's
-    description). (Under a CUDA graph only the capture calls it, so the wrapper costs nothing per round.)"""
-    compiled = torch.compile(fn, dynamic=False)
+    description). (Under a CUDA graph only the capture calls it, so the wrapper costs nothing per round.)
+    `graph_pass` runs on Inductor's post-grad graphs of `fn` (its `uuid` keys the cached code)."""
+    options = None if graph_pass is None else {"post_grad_custom_post_pass": graph_pass}
+    compiled = torch.compile(fn, dynamic=False, options=options)
 
     def call(*args, **kwargs) -> Output:
         limit = max(torch._dynamo.config.recompile_limit, SPECIALISATIONS)

@@ -1,11 +1,15 @@
-"""Attention and cache kernels. Each Triton kernel sits beside the pure-torch reference in `reference.py`.
+"""Attention, cache and projection kernels. Each Triton kernel sits beside the pure-torch reference in
+`reference.py`.
 
-`prefix_tree_attention`, `prefix_attention`, `masked_attention`, `compact_kv`, `topk_log_softmax` and `beam_select`
-run the Triton kernels
-on CUDA tensors when Triton is installed and the inputs are supported, and the torch reference otherwise
-(CPU, other dtypes).
+`prefix_tree_attention`, `prefix_attention`, `masked_attention`, `compact_kv`, `topk_log_softmax`,
+`beam_select` and `grouped_linear` run the Triton kernels on CUDA tensors when Triton is installed and the
+inputs are supported, and the torch reference otherwise (CPU, other dtypes).
 `backend="torch"` or `backend="triton"` forces one (a forced Triton call on unsupported inputs raises).
 Triton is optional: without it everything runs on the reference.
+
+`torch.ops.longspec.grouped_linear` is `grouped_linear` as an operator that compiled graphs call (on any
+device; the target's compiled forward reaches it through the graph pass of
+`generation.fused_projections`).
 
 This subpackage imports neither `generation` nor `modeling`.
 """
@@ -13,6 +17,7 @@ This subpackage imports neither `generation` nor `modeling`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -21,15 +26,17 @@ from .reference import attention_with_lse, merge_attention, prefix_visibility, w
 
 try:
     from . import compaction as _compaction_triton
+    from . import projections as _projections_triton
     from . import topk as _topk_triton
     from . import tree_attention as _tree_attention_triton
 except ImportError:  # triton is not installed
-    _compaction_triton = _topk_triton = _tree_attention_triton = None
+    _compaction_triton = _projections_triton = _topk_triton = _tree_attention_triton = None
 
 __all__ = [
     "attention_with_lse",
     "beam_select",
     "compact_kv",
+    "grouped_linear",
     "masked_attention",
     "merge_attention",
     "prefix_attention",
@@ -188,3 +195,34 @@ def beam_select(
         backend, child_scores.device, module, lambda: module.beam_select_unsupported_reason(child_scores, width),
         "beam_select", reference.beam_select, (child_scores, child_tokens, parent_scores, width),
     )
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None] | None = None,
+    *,
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """`x @ w.T + b` `(M, N_i)` for each weight `(N_i, K)` of one input `x` `(M, K)`, in one launch on the
+    Triton path (see `reference.grouped_linear`)."""
+    biases = [None] * len(weights) if biases is None else list(biases)
+    module = _projections_triton
+    return _dispatch(
+        backend, x.device, module, lambda: module.unsupported_reason(x, weights, biases),
+        "grouped_linear", reference.grouped_linear, (x, list(weights), biases),
+    )
+
+
+@torch.library.custom_op("longspec::grouped_linear", mutates_args=())
+def grouped_linear_op(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[Optional[torch.Tensor]]
+) -> list[torch.Tensor]:
+    """[`grouped_linear`] for compiled graphs: opaque to torch.compile, which cannot trace a launch that
+    picks its tiles in Python; the kernel where it applies, the reference (cuBLAS or CPU) elsewhere."""
+    return grouped_linear(x, weights, biases)
+
+
+@grouped_linear_op.register_fake
+def _(x, weights, biases):
+    return [x.new_empty(x.shape[0], weight.shape[0]) for weight in weights]

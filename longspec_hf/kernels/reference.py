@@ -234,3 +234,19 @@ def beam_select(
     scores, pair = pair_scores.topk(width, dim=-1)
     tokens = child_tokens.reshape(batch, -1).gather(1, pair)
     return tokens, pair // per_parent, scores
+
+
+def grouped_linear(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """Several linear layers applied to one input: `[x @ w.T + b for w, b in zip(weights, biases)]`.
+
+    Args:
+        x: `(M, K)` rows (the tokens of a forward).
+        weights: `(N_i, K)` each, in `nn.Linear`'s layout.
+        biases: `(N_i,)` or None, one per weight.
+
+    Returns:
+        `(M, N_i)` per weight, in `x`'s dtype.
+    """
+    return [torch.nn.functional.linear(x, weight, bias) for weight, bias in zip(weights, biases)]

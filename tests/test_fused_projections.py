@@ -1,0 +1,115 @@
+"""The compiled target's graph pass that groups the projections of one input (`fused_projections.py`).
+
+On CPU the grouped operator runs the torch reference, so these tests check the rewrite itself: which
+products it groups, that the compiled forward still computes the model, and that LongSpec with the pass
+equals plain generate. The kernel's own tests are in test_kernels_grouped_linear.py.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from longspec_hf.generation.compiling import compile_fixed_shapes
+from longspec_hf.generation.fused_projections import ENVIRONMENT_VARIABLE, FusedProjections, fused_projections_enabled
+
+from .conftest import make_draft, make_target
+from .test_equality import random_batch
+
+GROUPED = torch.ops.longspec.grouped_linear.default
+
+
+class RecordingPass(FusedProjections):
+    """The pass, keeping what the graph calls after it ran."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        super().__call__(graph)
+        self.groups = [[arg.meta["val"].shape for arg in node.args[1]] for node in graph.nodes if node.target is GROUPED]
+        self.products = [node.meta["val"].shape for node in graph.nodes
+                         if node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)]
+
+    def uuid(self):
+        return None  # a test's pass must run, not come from the cache
+
+
+def compiled_logits(model, graph_pass, ids):
+    compiled = compile_fixed_shapes(lambda **inputs: model(**inputs).logits, graph_pass)
+    with torch.no_grad():
+        return compiled(input_ids=ids, use_cache=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_query_key_value_and_gate_up_become_one_grouped_call_each(arch):
+    """Per layer: q/k/v (Qwen2's with biases) as one group, gate/up as another; the output and down
+    projections (inputs of their own) and the LM head stay matrix products; the logits are the model's."""
+    target = make_target(arch, seed=5, num_hidden_layers=3, hidden_size=32, intermediate_size=48)
+    ids = torch.randint(3, target.config.vocab_size, (2, 7))
+    graph_pass = RecordingPass()
+    logits = compiled_logits(target, graph_pass, ids)
+    with torch.no_grad():
+        expected = target(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+    head_dim, kv_width = 8, 2 * 8
+    attention = [torch.Size([32, 32]), torch.Size([kv_width, 32]), torch.Size([kv_width, 32])]
+    mlp = [torch.Size([48, 32]), torch.Size([48, 32])]
+    assert head_dim * target.config.num_attention_heads == 32
+    assert graph_pass.groups == [attention, mlp] * 3
+    rows = ids.numel()
+    assert graph_pass.products == [torch.Size([rows, 32]), torch.Size([rows, 32])] * 3 + [
+        torch.Size([rows, target.config.vocab_size])
+    ]
+
+
+class TwoInputs(torch.nn.Module):
+    """Three products of `x` (one with a bias, two without) and two of `y`."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 24, bias=False), torch.nn.Linear(16, 8, bias=False)
+        self.c = torch.nn.Linear(16, 16)
+        self.d, self.e = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 32, bias=False)
+
+    def forward(self, x, y):
+        return torch.cat([self.a(x), self.b(x), self.c(x), self.d(y), self.e(y)], dim=-1)
+
+
+def test_only_products_of_the_same_input_and_the_same_bias_kind_are_grouped():
+    module = TwoInputs().eval()
+    graph_pass = RecordingPass()
+    compiled = compile_fixed_shapes(module, graph_pass)
+    x, y = torch.randn(3, 16), torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, y), module(x, y), rtol=1e-6, atol=1e-6)
+    assert sorted(graph_pass.groups) == sorted([[torch.Size([24, 16]), torch.Size([8, 16])],
+                                                [torch.Size([16, 16]), torch.Size([32, 16])]])
+    assert graph_pass.products == [torch.Size([3, 16])]  # c: the only product of x with a bias
+
+
+def test_the_switch(monkeypatch):
+    monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    assert not fused_projections_enabled()
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
+    assert fused_projections_enabled()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_longspec_with_the_pass_equals_plain_generate(arch, monkeypatch):
+    """`compile_target=True` with the pass switched on: a padded batch, greedy, equals plain generate,
+    and the verify forward's graph holds the grouped calls."""
+    from longspec_hf.generation import verify
+
+    created = []
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
+    monkeypatch.setattr(verify, "FusedProjections", lambda: created.append(RecordingPass()) or created[-1])
+    rng = random.Random(f"fused {arch}")
+    target = make_target(arch, seed=41)
+    draft = make_draft(target, seed=42)
+    ids, mask = random_batch(rng, target.config.vocab_size, 2, 35)
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False)
+    reference = target.generate(ids, **kwargs)
+    output = target.generate(ids, assistant_model=draft, tree_widths=[2, 2, 2], compile_target=True, **kwargs)
+    assert torch.equal(output, reference)
+    assert len(created) == 1 and len(created[0].groups) == 2 * target.config.num_hidden_layers
