@@ -97,19 +97,25 @@ def test_the_switch(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_longspec_with_the_pass_equals_plain_generate(arch, monkeypatch):
-    """`compile_target=True` with the pass switched on: a padded batch, greedy, equals plain generate,
-    and the verify forward's graph holds the grouped calls."""
-    from longspec_hf.generation import verify
+    """`compile_target=True, compile_draft=True` with the pass switched on: a padded batch, greedy, equals
+    plain generate; the verify forward's graph holds a q/k/v and a gate/up group per target layer, and
+    the draft's steps group their block's projections too."""
+    from longspec_hf.generation import fused_projections
 
     created = []
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
-    monkeypatch.setattr(verify, "FusedProjections", lambda: created.append(RecordingPass()) or created[-1])
+    monkeypatch.setattr(fused_projections, "FusedProjections", lambda: created.append(RecordingPass()) or created[-1])
     rng = random.Random(f"fused {arch}")
     target = make_target(arch, seed=41)
     draft = make_draft(target, seed=42)
     ids, mask = random_batch(rng, target.config.vocab_size, 2, 35)
     kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False)
     reference = target.generate(ids, **kwargs)
-    output = target.generate(ids, assistant_model=draft, tree_widths=[2, 2, 2], compile_target=True, **kwargs)
+    output = target.generate(
+        ids, assistant_model=draft, tree_widths=[2, 2, 2], compile_target=True, compile_draft=True, **kwargs
+    )
     assert torch.equal(output, reference)
-    assert len(created) == 1 and len(created[0].groups) == 2 * target.config.num_hidden_layers
+    ran = [p for p in created if hasattr(p, "groups")]
+    verify_graphs = [p for p in ran if len(p.groups) == 2 * target.config.num_hidden_layers]
+    draft_graphs = [p for p in ran if p not in verify_graphs]
+    assert len(verify_graphs) == 1 and draft_graphs and all(p.groups for p in draft_graphs)

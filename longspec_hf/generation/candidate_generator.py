@@ -18,6 +18,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 
 from ..modeling import LongSpecDraftModel, TargetKV
 from .compiling import compile_fixed_shapes
+from .fused_projections import projection_pass
 from .tree import DraftTree, beam_level_sizes, expand_level, expand_level_greedy
 
 
@@ -77,8 +78,8 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             # kernels. The functions are compiled unbound: compiled bound methods kept on `self` would
             # be a reference cycle, holding a dropped workspace's memory until the garbage collector runs.
             self._compiled_passes = (
-                compile_fixed_shapes(type(self)._feed_ring_and_query_root),
-                compile_fixed_shapes(type(self)._fill_and_query_level),
+                compile_fixed_shapes(type(self)._feed_ring_and_query_root, projection_pass()),
+                compile_fixed_shapes(type(self)._fill_and_query_level, projection_pass()),
             )
         root_step, level_step = self._compiled_passes
         return functools.partial(root_step, self), functools.partial(level_step, self)

@@ -1,4 +1,4 @@
-"""A graph pass of the compiled target: projections that read one input run as one grouped launch.
+"""A graph pass of compiled steps: projections that read one input run as one grouped launch.
 
 A decoding step multiplies a few rows by each layer's weights. Where several weights read the same rows
 (the query, key and value projections of the normed hidden states; gate and up of the MLP), the pass
@@ -11,8 +11,11 @@ grouping products whose `x` is the same tensor seen with the same 2-D shape; it 
 else (a product whose weight is computed inside the graph after the first of its group, a 2-D bias,
 scaled `addmm`s). The values are those of the separate products up to the order of float32 sums.
 
-Switched on by `LONGSPEC_HF_FUSED_PROJECTIONS=1` while it is being measured against cuBLAS (see
-`bench/grouped_linear.py`); the compiled target's graphs are otherwise Inductor's own.
+It runs on the compiled target's verify forward and the compiled draft's steps (whose block has the same
+projections). Switched on by `LONGSPEC_HF_FUSED_PROJECTIONS=1` while it is being measured against cuBLAS
+(`bench/grouped_linear.py`, and the `*_fused_compiled` methods of `bench/scale.py`); read when a
+workspace's steps are made, so a kept workspace keeps the setting it was made with. Off, the compiled
+graphs are Inductor's own.
 """
 
 from __future__ import annotations
@@ -35,8 +38,13 @@ _RESHAPES = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.defau
 
 
 def fused_projections_enabled() -> bool:
-    """Whether the compiled target runs the pass (`LONGSPEC_HF_FUSED_PROJECTIONS=1`)."""
+    """Whether compiled steps run the pass (`LONGSPEC_HF_FUSED_PROJECTIONS=1`)."""
     return os.environ.get(ENVIRONMENT_VARIABLE, "0").strip() == "1"
+
+
+def projection_pass() -> "FusedProjections | None":
+    """The pass for a compiled step made now: None unless it is switched on."""
+    return FusedProjections() if fused_projections_enabled() else None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from .attention import LongSpecAttentionInputs
 from .cache import LongSpecCache
 from .compiling import call_model, compile_fixed_shapes
 from .cuda_graphs import GraphedCall, StaticInputs
-from .fused_projections import FusedProjections, fused_projections_enabled
+from .fused_projections import projection_pass
 from .retrieval import best_leaf_suffix, latest_continuation
 from .tree import ChainLayout, DraftTree, GreedyAcceptance, accept_greedy
 
@@ -124,9 +124,7 @@ class GraphedVerify:
         # Inductor fuses each layer's norms, rotary embedding and residual adds into a few kernels (a
         # small target's forward otherwise launches dozens of tiny kernels per layer); the attention
         # enters as the opaque operator `longspec::prefix_tree_attention`.
-        # The projections of one input can run as one grouped launch (`fused_projections.py`).
-        graph_pass = FusedProjections() if fused_projections_enabled() else None
-        self.forward = compile_fixed_shapes(call_model, graph_pass) if compiled else None
+        self.forward = compile_fixed_shapes(call_model, projection_pass()) if compiled else None
         self.acceptance = compile_fixed_shapes(greedy_acceptance) if compiled else None
         if compiled:
             # The capacity differs between prompt lengths; the forward reads only the committed slots
