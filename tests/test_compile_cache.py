@@ -55,7 +55,9 @@ def test_every_version_and_the_device_select_their_own_folder(monkeypatch, tmp_p
     compiling._cached_key.cache_clear()
     folders.add(compile_cache_dir("cpu"))
     changed(sys.modules["triton"])
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    # Another instruction set than this machine's (whatever it has).
+    other_capability = "SVE256" if torch.backends.cpu.get_cpu_capability() != "SVE256" else "AVX2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other_capability)
     compiling._cached_key.cache_clear()
     folders.add(compile_cache_dir("cpu"))
     folders.add(compile_cache_dir("meta"))  # another device type
