@@ -90,6 +90,8 @@ LONGSPEC = {"assistant_model": DRAFT}
 COMPILED = {"compile_draft": True, "compile_target": True}
 # The compiled target with the projections of one input grouped into one kernel (fused_projections.py).
 FUSED = {ENVIRONMENT: {"LONGSPEC_HF_FUSED_PROJECTIONS": "1"}}
+# ... and every other projection too (output, down, LM head) through the same kernel.
+FUSED_ALL = {ENVIRONMENT: {"LONGSPEC_HF_FUSED_PROJECTIONS": "all"}}
 # name -> generate keyword arguments (besides the prompt, max_new_tokens, do_sample=False, the streamer and
 # longspec_stats). LongSpec methods run with CUDA graphs on a CUDA target ("graphs": the steps captured,
 # "compiled": also through torch.compile). Display order; `--methods` gives the run order.
@@ -112,6 +114,8 @@ METHODS: dict[str, dict] = {
     "no_draft_fused_compiled": {**LONGSPEC, "tree_widths": [], **COMPILED, **FUSED},
     "auto_tree_fused_compiled": {**LONGSPEC, **COMPILED, **FUSED},
     "auto_tree_vocab_fused_compiled": {**LONGSPEC, **COMPILED, DRAFT_VOCAB: 32768, **FUSED},
+    "no_draft_fused_all_compiled": {**LONGSPEC, "tree_widths": [], **COMPILED, **FUSED_ALL},
+    "auto_tree_vocab_fused_all_compiled": {**LONGSPEC, **COMPILED, DRAFT_VOCAB: 32768, **FUSED_ALL},
 }
 
 

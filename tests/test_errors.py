@@ -191,3 +191,12 @@ def test_mismatch_message_without_a_recorded_target():
     with pytest.raises(ValueError) as error:
         target.generate(ids(), assistant_model=draft, max_new_tokens=4)
     assert "None" not in str(error.value) and "vocab size 128" in str(error.value)
+
+
+@pytest.mark.parametrize("compiled", [dict(compile_target=True), dict(compile_draft=True)])
+def test_a_bad_projection_setting_is_refused_before_any_forward(counted, monkeypatch, compiled):
+    target, draft, calls = counted
+    monkeypatch.setenv("LONGSPEC_HF_FUSED_PROJECTIONS", "on")
+    with pytest.raises(ValueError, match="LONGSPEC_HF_FUSED_PROJECTIONS='on': use one of 0, 1, all"):
+        target.generate(ids(), assistant_model=draft, max_new_tokens=4, tree_widths=[2, 2], **compiled)
+    assert not calls

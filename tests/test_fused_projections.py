@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from longspec_hf.generation.compiling import compile_fixed_shapes
-from longspec_hf.generation.fused_projections import ENVIRONMENT_VARIABLE, FusedProjections, fused_projections_enabled
+from longspec_hf.generation.fused_projections import ENVIRONMENT_VARIABLE, FusedProjections, projection_pass
 
 from .conftest import make_draft, make_target
 from .test_equality import random_batch
@@ -22,13 +22,16 @@ GROUPED = torch.ops.longspec.grouped_linear.default
 
 
 class RecordingPass(FusedProjections):
-    """The pass, keeping what the graph calls after it ran."""
+    """The pass, keeping what the last graph it ran on calls (and the groups of every graph in `history`)."""
+
+    history: list
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         super().__call__(graph)
         self.groups = [[arg.meta["val"].shape for arg in node.args[1]] for node in graph.nodes if node.target is GROUPED]
         self.products = [node.meta["val"].shape for node in graph.nodes
                          if node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)]
+        self.history = [*getattr(self, "history", []), self.groups]
 
     def uuid(self):
         return None  # a test's pass must run, not come from the cache
@@ -88,11 +91,29 @@ def test_only_products_of_the_same_input_and_the_same_bias_kind_are_grouped():
     assert graph_pass.products == [torch.Size([3, 16])]  # c: the only product of x with a bias
 
 
+def test_every_projection_goes_to_the_kernel_with_singles():
+    """`LONGSPEC_HF_FUSED_PROJECTIONS=all`: the output and down projections and the LM head become
+    one-weight calls; no matrix product is left."""
+    target = make_target("llama", seed=6, num_hidden_layers=2, hidden_size=32, intermediate_size=48)
+    ids = torch.randint(3, target.config.vocab_size, (1, 5))
+    graph_pass = RecordingPass(singles=True)
+    logits = compiled_logits(target, graph_pass, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, target(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    assert graph_pass.products == []
+    assert sorted(len(group) for group in graph_pass.groups) == [1] * 5 + [2] * 2 + [3] * 2
+
+
 def test_the_switch(monkeypatch):
     monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
-    assert not fused_projections_enabled()
-    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
-    assert fused_projections_enabled()
+    assert projection_pass() is None
+    for setting, singles in (("1", False), ("all", True), (" ALL ", True)):
+        monkeypatch.setenv(ENVIRONMENT_VARIABLE, setting)
+        assert projection_pass().singles is singles
+    assert FusedProjections(singles=True).uuid() != FusedProjections().uuid()  # compiled code is cached apart
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "yes")
+    with pytest.raises(ValueError, match="LONGSPEC_HF_FUSED_PROJECTIONS='yes': use one of 0, 1, all"):
+        projection_pass()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -104,7 +125,7 @@ def test_longspec_with_the_pass_equals_plain_generate(arch, monkeypatch):
 
     created = []
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
-    monkeypatch.setattr(fused_projections, "FusedProjections", lambda: created.append(RecordingPass()) or created[-1])
+    monkeypatch.setattr(fused_projections, "FusedProjections", lambda **kw: created.append(RecordingPass(**kw)) or created[-1])
     rng = random.Random(f"fused {arch}")
     target = make_target(arch, seed=41)
     draft = make_draft(target, seed=42)
@@ -115,7 +136,7 @@ def test_longspec_with_the_pass_equals_plain_generate(arch, monkeypatch):
         ids, assistant_model=draft, tree_widths=[2, 2, 2], compile_target=True, compile_draft=True, **kwargs
     )
     assert torch.equal(output, reference)
-    ran = [p for p in created if hasattr(p, "groups")]
-    verify_graphs = [p for p in ran if len(p.groups) == 2 * target.config.num_hidden_layers]
-    draft_graphs = [p for p in ran if p not in verify_graphs]
-    assert len(verify_graphs) == 1 and draft_graphs and all(p.groups for p in draft_graphs)
+    assert len(created) == 1  # made once, with the workspace
+    verify_graphs = [g for g in created[0].history if len(g) == 2 * target.config.num_hidden_layers]
+    draft_graphs = [g for g in created[0].history if len(g) != 2 * target.config.num_hidden_layers]
+    assert len(verify_graphs) == 1 and any(draft_graphs)  # some of the draft's graphs hold no projection

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Callable, Sequence
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation.candidate_generator import CandidateGenerator
@@ -18,7 +19,6 @@ from transformers.generation.logits_process import LogitsProcessorList
 
 from ..modeling import LongSpecDraftModel, TargetKV
 from .compiling import compile_fixed_shapes
-from .fused_projections import projection_pass
 from .tree import DraftTree, beam_level_sizes, expand_level, expand_level_greedy
 
 
@@ -45,6 +45,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         batch_size: rows decoded together.
         target_kv: returns the target's committed last-layer K/V at the time of the call.
         max_length: total length (prompt included) that candidates never go past (chain mode).
+        graph_pass: a post-grad pass for the compiled steps ([`fused_projections.projection_pass`]).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         batch_size: int,
         target_kv: Callable[[], TargetKV],
         max_length: int | None = None,
+        graph_pass: CustomGraphPass | None = None,
     ):
         if any(int(w) < 1 for w in tree_widths):
             raise ValueError(f"tree_widths must be a list of positive integers, got {list(tree_widths)}")
@@ -62,6 +64,7 @@ class LongSpecCandidateGenerator(CandidateGenerator):
         self.tree_widths = [int(w) for w in tree_widths]
         self.target_kv = target_kv
         self.max_length = max_length
+        self.graph_pass = graph_pass
         self.target_parts = draft.target_parts_of(target)
         self.cache = draft.new_cache(batch_size, max_tree_nodes=sum(self.tree_widths))
         self._compiled_passes: tuple[Callable, Callable] | None = None  # the steps compiled, unbound
@@ -78,8 +81,8 @@ class LongSpecCandidateGenerator(CandidateGenerator):
             # kernels. The functions are compiled unbound: compiled bound methods kept on `self` would
             # be a reference cycle, holding a dropped workspace's memory until the garbage collector runs.
             self._compiled_passes = (
-                compile_fixed_shapes(type(self)._feed_ring_and_query_root, projection_pass()),
-                compile_fixed_shapes(type(self)._fill_and_query_level, projection_pass()),
+                compile_fixed_shapes(type(self)._feed_ring_and_query_root, self.graph_pass),
+                compile_fixed_shapes(type(self)._fill_and_query_level, self.graph_pass),
             )
         root_step, level_step = self._compiled_passes
         return functools.partial(root_step, self), functools.partial(level_step, self)

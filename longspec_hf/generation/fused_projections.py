@@ -13,9 +13,11 @@ scaled `addmm`s). The values are those of the separate products up to the order 
 
 It runs on the compiled target's verify forward and the compiled draft's steps (whose block has the same
 projections). Switched on by `LONGSPEC_HF_FUSED_PROJECTIONS=1` while it is being measured against cuBLAS
-(`bench/grouped_linear.py`, and the `*_fused_compiled` methods of `bench/scale.py`); read when a
-workspace's steps are made, so a kept workspace keeps the setting it was made with. Off, the compiled
-graphs are Inductor's own.
+(`bench/grouped_linear.py`, and the `*_fused_compiled` methods of `bench/scale.py`);
+`LONGSPEC_HF_FUSED_PROJECTIONS=all` also gives the kernel the products that share their input with no
+other (the output and down projections, the LM head), which cuBLAS runs with a split-K reduction launch.
+Read when a workspace's steps are made, so a kept workspace keeps the setting it was made with. Off, the
+compiled graphs are Inductor's own.
 """
 
 from __future__ import annotations
@@ -37,14 +39,21 @@ _aten = torch.ops.aten
 _RESHAPES = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
 
 
-def fused_projections_enabled() -> bool:
-    """Whether compiled steps run the pass (`LONGSPEC_HF_FUSED_PROJECTIONS=1`)."""
-    return os.environ.get(ENVIRONMENT_VARIABLE, "0").strip() == "1"
+SETTINGS = ("0", "1", "all")  # off, groups of one input, every projection
+
+
+def fused_projections_setting() -> str:
+    """`LONGSPEC_HF_FUSED_PROJECTIONS` (unset: "0"), checked against `SETTINGS`."""
+    setting = os.environ.get(ENVIRONMENT_VARIABLE, "0").strip().lower() or "0"
+    if setting not in SETTINGS:
+        raise ValueError(f"{ENVIRONMENT_VARIABLE}={setting!r}: use one of {', '.join(SETTINGS)} (see fused_projections.py)")
+    return setting
 
 
 def projection_pass() -> "FusedProjections | None":
     """The pass for a compiled step made now: None unless it is switched on."""
-    return FusedProjections() if fused_projections_enabled() else None
+    setting = fused_projections_setting()
+    return None if setting == "0" else FusedProjections(singles=setting == "all")
 
 
 @dataclass
@@ -97,7 +106,11 @@ def _input_key(x: torch.fx.Node) -> tuple:
 
 
 class FusedProjections(CustomGraphPass):
-    """Post-grad pass of the compiled target (see the module's description)."""
+    """Post-grad pass of compiled steps (see the module's description); `singles`: also the products that
+    share their input with no other."""
+
+    def __init__(self, singles: bool = False):
+        self.singles = singles
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         groups: dict[tuple, list[_Projection]] = defaultdict(list)
@@ -107,13 +120,13 @@ class FusedProjections(CustomGraphPass):
                 groups[_input_key(projection.x), projection.bias is None].append(projection)
         order = {node: index for index, node in enumerate(graph.nodes)}
         for members in groups.values():
-            if len(members) > 1 and _inputs_precede(members, order):
+            if len(members) > (0 if self.singles else 1) and _inputs_precede(members, order):
                 _group(graph, members)
         graph.eliminate_dead_code()
 
     def uuid(self) -> bytes:
         # Compiled graphs are cached by this: it changes with the pass or the kernel's entry points.
-        return get_hash_for_files((__file__, str(Path(kernels.__file__))))
+        return get_hash_for_files((__file__, str(Path(kernels.__file__))), extra=f"singles={self.singles}")
 
 
 def _inputs_precede(members: list[_Projection], order: dict) -> bool:

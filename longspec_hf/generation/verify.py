@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from transformers import PreTrainedModel
 
 from ..modeling import cache_keyword
@@ -17,7 +18,6 @@ from .attention import LongSpecAttentionInputs
 from .cache import LongSpecCache
 from .compiling import call_model, compile_fixed_shapes
 from .cuda_graphs import GraphedCall, StaticInputs
-from .fused_projections import projection_pass
 from .retrieval import best_leaf_suffix, latest_continuation
 from .tree import ChainLayout, DraftTree, GreedyAcceptance, accept_greedy
 
@@ -101,6 +101,7 @@ class GraphedVerify:
         capture: capture CUDA graphs (False: run the same steps eagerly).
         compiled: run the target's forward through `torch.compile` (one specialisation per tree shape;
             the cache capacity is a dynamic dimension, so a new prompt length compiles nothing).
+        graph_pass: a post-grad pass for the compiled forward ([`fused_projections.projection_pass`]).
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class GraphedVerify:
         accept: bool,
         capture: bool = True,
         compiled: bool = False,
+        graph_pass: CustomGraphPass | None = None,
     ):
         self.target = weakref.ref(target)
         self.cache = cache
@@ -124,7 +126,7 @@ class GraphedVerify:
         # Inductor fuses each layer's norms, rotary embedding and residual adds into a few kernels (a
         # small target's forward otherwise launches dozens of tiny kernels per layer); the attention
         # enters as the opaque operator `longspec::prefix_tree_attention`.
-        self.forward = compile_fixed_shapes(call_model, projection_pass()) if compiled else None
+        self.forward = compile_fixed_shapes(call_model, graph_pass) if compiled else None
         self.acceptance = compile_fixed_shapes(greedy_acceptance) if compiled else None
         if compiled:
             # The capacity differs between prompt lengths; the forward reads only the committed slots

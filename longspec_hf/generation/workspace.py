@@ -34,6 +34,7 @@ from .adaptive import PlanCosts
 from .cache import LongSpecCache
 from .candidate_generator import LongSpecCandidateGenerator
 from .cuda_graphs import GraphedCall
+from .fused_projections import projection_pass
 from .options import LongSpecOptions
 from .placement import HeadSharding, head_sharding, layer_devices, on_one_device
 from .tree import DraftTree
@@ -151,7 +152,11 @@ class DecodingWorkspace:
         self.pad_start = self.cache.pad_start
         self.tokens = torch.zeros(batch, capacity, dtype=key.token_dtype, device=device)
         self.seq_len = torch.zeros(batch, dtype=torch.long, device=device)
-        self.drafter = LongSpecCandidateGenerator(draft, target, list(key.tree_widths), batch, self.cache.target_kv)
+        # Read once, here, before any forward: the graph pass of the compiled steps, if switched on.
+        graph_pass = projection_pass() if key.compile_draft or key.compile_target else None
+        self.drafter = LongSpecCandidateGenerator(
+            draft, target, list(key.tree_widths), batch, self.cache.target_kv, graph_pass=graph_pass
+        )
         self.verify = GraphedVerify(
             target,
             self.cache,
@@ -161,6 +166,7 @@ class DecodingWorkspace:
             key.accept_in_graph,
             key.capture,
             compiled=key.compile_target,
+            graph_pass=graph_pass,
         )
         self.draft_graphs: dict[int, GraphedCall[DraftTree]] = {}
         self.plan_costs = PlanCosts()
