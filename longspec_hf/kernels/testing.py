@@ -1,15 +1,18 @@
-"""Helpers for testing the kernels: random trees, ragged rows of a preallocated cache, and running
-test cases under the Triton interpreter on CPU.
+"""Helpers for testing the kernels: random trees, ragged rows of a preallocated cache, running test cases
+under the Triton interpreter on CPU, and compiling a kernel's launches for a GPU without one (to check
+that they compile, and what registers and shared memory they take).
 
 Nothing here runs on the inference path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -73,3 +76,92 @@ def run_in_triton_interpreter(module_path: str, function_name: str, timeout: flo
         if line.startswith(_RESULT_MARKER):
             return json.loads(line[len(_RESULT_MARKER):])
     raise RuntimeError(f"interpreter child failed (exit {child.returncode}):\n{child.stdout[-3000:]}\n{child.stderr[-6000:]}")
+
+
+# ----- compiling for a GPU without one ------------------------------------------------------------------------
+_TRITON_TYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+}
+
+
+@contextlib.contextmanager
+def recorded_launches(module):
+    """Inside the block, the launches of `module`'s Triton kernels (module attributes) are recorded, not
+    run: yields the list of `(kernel, args, launch keywords)` they append to. The module's `INTERPRETED`
+    flag is set, so that its entry points accept CPU tensors (which are never read)."""
+    import triton
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
+
+    kernels = {name: value for name, value in vars(module).items() if isinstance(value, triton.runtime.jit.JITFunction)}
+    interpreted = module.INTERPRETED
+    try:
+        module.INTERPRETED = True
+        for name, kernel in kernels.items():
+            setattr(module, name, Recorder(kernel))
+        yield launches
+    finally:
+        module.INTERPRETED = interpreted
+        for name, kernel in kernels.items():
+            setattr(module, name, kernel)
+
+
+def compile_for_gpu(kernel, args: tuple, launch: dict, capability: int = 90) -> dict:
+    """Compile one recorded launch of `kernel` (see [`recorded_launches`]) for an NVIDIA GPU of compute
+    `capability` with Triton's own ptxas, no GPU needed, specialised as a launch on 16-byte aligned CUDA
+    tensors would be. Returns what the kernel uses per program: `registers` (per thread), `spilled_bytes`
+    (per thread: stores of registers that did not fit) and `shared_bytes`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launch = dict(launch)
+    options = {name: launch.pop(name) for name in ("num_warps", "num_stages") if name in launch}
+    values = dict(zip(kernel.arg_names, args)) | launch
+    signature, constexprs, attributes = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        value = values[param.name]
+        if param.is_constexpr or value is None:
+            signature[param.name] = "constexpr"
+            constexprs[(index,)] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TRITON_TYPES[value.dtype]
+            attributes[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if not param.do_not_specialize and value % 16 == 0:
+                attributes[(index,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"argument {param.name} of {kernel.__name__}: {type(value).__name__}")
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attributes)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    usage = _ptxas_report(compiled.asm["ptx"], capability)
+    return {**usage, "shared_bytes": compiled.metadata.shared}
+
+
+def _ptxas_report(ptx: str, capability: int) -> dict[str, int]:
+    """Registers per thread and spilled bytes (stores) that ptxas reports for `ptx`: the ptxas Triton
+    itself compiles with (it ships one with its NVIDIA backend)."""
+    import re
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.ptx"
+        path.write_text(ptx)
+        command = [get_ptxas(capability).path, f"-arch={arch}", "-v", str(path), "-o", str(Path(folder) / "kernel.cubin")]
+        report = subprocess.run(command, capture_output=True, text=True, check=True)
+    text = report.stdout + report.stderr
+    return {"registers": int(re.search(r"Used (\d+) registers", text).group(1)),
+            "spilled_bytes": int(re.search(r"(\d+) bytes spill stores", text).group(1))}

@@ -1,0 +1,80 @@
+"""Every Triton kernel's default launches compile for a Hopper GPU (sm90), on a machine without one.
+
+The launches are the package's own (recorded, not run, from its entry points on CPU tensors of 8B-layout
+shapes), compiled by Triton with its bundled ptxas. This catches code the interpreter accepts but the
+compiler does not, and tiles that need more shared memory than a multiprocessor has. The grouped
+projection kernel is also held to no register spills: it is bound by reading weights, and spilled
+registers are extra memory traffic per program.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from longspec_hf.kernels import compaction, projections, testing, topk, tree_attention  # noqa: E402
+
+# Largest dynamic shared memory per block on sm90 (227 KiB).
+SM90_SHARED_BYTES = 232448
+
+
+def attention_inputs(num_tree: int, context: int = 8192, dtype=torch.bfloat16):
+    """Llama-3.1-8B heads (32 query, 8 key/value, dim 128): a tree over a preallocated cache."""
+    query = torch.empty(1, 32, num_tree, 128, dtype=dtype)
+    key_prefix, value_prefix = (torch.empty(1, 8, context + 128, 128, dtype=dtype) for _ in range(2))
+    key_tree, value_tree = (torch.empty(1, 8, num_tree, 128, dtype=dtype) for _ in range(2))
+    mask = torch.ones(1, num_tree, num_tree, dtype=torch.bool)
+    bounds = torch.zeros(1, dtype=torch.long), torch.full((1,), context)
+    return query, key_prefix, value_prefix, *bounds, key_tree, value_tree, mask, 128**-0.5
+
+
+def record(module, call):
+    with testing.recorded_launches(module) as launches:
+        call()
+    return launches  # compiled after the block: the module's kernels are its own again
+
+
+LAUNCHES = {
+    "tree_attention_64_nodes_split": lambda: record(
+        tree_attention, lambda: tree_attention.prefix_tree_attention(*attention_inputs(64), num_splits=8)),
+    "tree_attention_one_node": lambda: record(
+        tree_attention, lambda: tree_attention.prefix_tree_attention(*attention_inputs(1), num_splits=1)),
+    "tree_attention_window_fp32": lambda: record(
+        tree_attention, lambda: tree_attention.prefix_tree_attention(
+            *attention_inputs(16, dtype=torch.float32), window=4096, tree_depths=torch.arange(16), num_splits=4)),
+    "compaction": lambda: record(compaction, lambda: compaction.compact_kv(
+        torch.empty(32, 2, 1, 8, 8192, 128, dtype=torch.bfloat16), torch.empty(32, 2, 1, 8, 69, 128, dtype=torch.bfloat16),
+        torch.arange(6)[None], torch.tensor([100]))),
+    "topk": lambda: record(topk, lambda: topk.topk_log_softmax(torch.empty(16, 128256, dtype=torch.bfloat16), 16)),
+    "beam_select": lambda: record(topk, lambda: topk.beam_select(
+        torch.empty(1, 16, 16, dtype=torch.float32), torch.empty(1, 16, 16, dtype=torch.long), torch.empty(1, 16), 16)),
+}
+for rows in (1, 26, 64):
+    LAUNCHES[f"grouped_linear_{rows}_rows"] = lambda rows=rows: record(projections, lambda: projections.grouped_linear(
+        torch.empty(rows, 4096, dtype=torch.bfloat16),
+        [torch.empty(n, 4096, dtype=torch.bfloat16) for n in (4096, 1024, 1024)], [None] * 3))
+LAUNCHES["grouped_linear_fp32_biased"] = lambda: record(projections, lambda: projections.grouped_linear(
+    torch.empty(26, 4096), [torch.empty(n, 4096) for n in (14336, 14336)], [torch.empty(14336)] * 2))
+
+
+@pytest.mark.parametrize("name", list(LAUNCHES))
+def test_default_launches_compile_for_sm90(name):
+    launches = LAUNCHES[name]()
+    assert launches
+    for kernel, args, options in launches:
+        usage = testing.compile_for_gpu(kernel, args, options, capability=90)
+        assert usage["shared_bytes"] <= SM90_SHARED_BYTES, (kernel.__name__, usage)
+        assert 0 < usage["registers"] <= 255
+        if kernel is projections._grouped_linear_kernel:
+            assert usage["spilled_bytes"] == 0, usage
+
+
+def test_a_tile_too_large_for_shared_memory_is_seen():
+    """The check above can fail: 64-row tiles of 128 float32 columns with deep stages do not fit."""
+    launches = record(projections, lambda: projections.grouped_linear(
+        torch.empty(64, 4096), [torch.empty(4096, 4096)], [None],
+        config=dict(BLOCK_N=128, BLOCK_K=256, num_stages=4)))
+    kernel, args, options = launches[0]
+    assert testing.compile_for_gpu(kernel, args, options)["shared_bytes"] > SM90_SHARED_BYTES
