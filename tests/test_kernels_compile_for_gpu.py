@@ -2,9 +2,8 @@
 
 The launches are the package's own (recorded, not run, from its entry points on CPU tensors of 8B-layout
 shapes), compiled by Triton with its bundled ptxas. This catches code the interpreter accepts but the
-compiler does not, and tiles that need more shared memory than a multiprocessor has. The grouped
-projection kernel is also held to no register spills: it is bound by reading weights, and spilled
-registers are extra memory traffic per program.
+compiler does not, tiles that need more shared memory than a multiprocessor has, and registers that
+spill to memory (every load and store of a spilled value is memory traffic the kernel did not ask for).
 """
 
 from __future__ import annotations
@@ -20,14 +19,15 @@ from longspec_hf.kernels import compaction, projections, testing, topk, tree_att
 SM90_SHARED_BYTES = 232448
 
 
-def attention_inputs(num_tree: int, context: int = 8192, dtype=torch.bfloat16):
-    """Llama-3.1-8B heads (32 query, 8 key/value, dim 128): a tree over a preallocated cache."""
-    query = torch.empty(1, 32, num_tree, 128, dtype=dtype)
-    key_prefix, value_prefix = (torch.empty(1, 8, context + 128, 128, dtype=dtype) for _ in range(2))
-    key_tree, value_tree = (torch.empty(1, 8, num_tree, 128, dtype=dtype) for _ in range(2))
+def attention_inputs(num_tree: int, context: int = 8192, dtype=torch.bfloat16, heads=(32, 8, 128)):
+    """A tree over a preallocated cache; Llama-3.1-8B heads (32 query, 8 key/value, dim 128) by default."""
+    num_q_heads, num_kv_heads, head_dim = heads
+    query = torch.empty(1, num_q_heads, num_tree, head_dim, dtype=dtype)
+    key_prefix, value_prefix = (torch.empty(1, num_kv_heads, context + 128, head_dim, dtype=dtype) for _ in range(2))
+    key_tree, value_tree = (torch.empty(1, num_kv_heads, num_tree, head_dim, dtype=dtype) for _ in range(2))
     mask = torch.ones(1, num_tree, num_tree, dtype=torch.bool)
     bounds = torch.zeros(1, dtype=torch.long), torch.full((1,), context)
-    return query, key_prefix, value_prefix, *bounds, key_tree, value_tree, mask, 128**-0.5
+    return query, key_prefix, value_prefix, *bounds, key_tree, value_tree, mask, head_dim**-0.5
 
 
 def record(module, call):
@@ -36,6 +36,7 @@ def record(module, call):
     return launches  # compiled after the block: the module's kernels are its own again
 
 
+SMOLLM2_HEADS = (9, 3, 64)
 LAUNCHES = {
     "tree_attention_64_nodes_split": lambda: record(
         tree_attention, lambda: tree_attention.prefix_tree_attention(*attention_inputs(64), num_splits=8)),
@@ -44,6 +45,11 @@ LAUNCHES = {
     "tree_attention_window_fp32": lambda: record(
         tree_attention, lambda: tree_attention.prefix_tree_attention(
             *attention_inputs(16, dtype=torch.float32), window=4096, tree_depths=torch.arange(16), num_splits=4)),
+    "tree_attention_smollm2_fp32": lambda: record(
+        tree_attention, lambda: tree_attention.prefix_tree_attention(
+            *attention_inputs(69, dtype=torch.float32, heads=SMOLLM2_HEADS), num_splits=4)),
+    "tree_attention_smollm2": lambda: record(
+        tree_attention, lambda: tree_attention.prefix_tree_attention(*attention_inputs(69, heads=SMOLLM2_HEADS))),
     "compaction": lambda: record(compaction, lambda: compaction.compact_kv(
         torch.empty(32, 2, 1, 8, 8192, 128, dtype=torch.bfloat16), torch.empty(32, 2, 1, 8, 69, 128, dtype=torch.bfloat16),
         torch.arange(6)[None], torch.tensor([100]))),
@@ -57,6 +63,9 @@ for rows in (1, 26, 64):
         [torch.empty(n, 4096, dtype=torch.bfloat16) for n in (4096, 1024, 1024)], [None] * 3))
 LAUNCHES["grouped_linear_fp32_biased"] = lambda: record(projections, lambda: projections.grouped_linear(
     torch.empty(26, 4096), [torch.empty(n, 4096) for n in (14336, 14336)], [torch.empty(14336)] * 2))
+# Launches held to no register spills. Not SmolLM2's 16-bit tree attention: its tile (64 rows, 128 keys,
+# two programs per multiprocessor) spills a few hundred bytes per thread and was the fastest measured.
+SPILL_FREE = [name for name in LAUNCHES if name != "tree_attention_smollm2"]
 
 
 @pytest.mark.parametrize("name", list(LAUNCHES))
@@ -67,8 +76,9 @@ def test_default_launches_compile_for_sm90(name):
         usage = testing.compile_for_gpu(kernel, args, options, capability=90)
         assert usage["shared_bytes"] <= SM90_SHARED_BYTES, (kernel.__name__, usage)
         assert 0 < usage["registers"] <= 255
-        if kernel is projections._grouped_linear_kernel:
-            assert usage["spilled_bytes"] == 0, usage
+        if name in SPILL_FREE:
+            assert usage["spilled_bytes"] == 0, (kernel.__name__, usage)
+
 
 
 def test_a_tile_too_large_for_shared_memory_is_seen():

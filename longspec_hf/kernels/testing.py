@@ -79,12 +79,6 @@ def run_in_triton_interpreter(module_path: str, function_name: str, timeout: flo
 
 
 # ----- compiling for a GPU without one ------------------------------------------------------------------------
-_TRITON_TYPES = {
-    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
-}
-
-
 @contextlib.contextmanager
 def recorded_launches(module):
     """Inside the block, the launches of `module`'s Triton kernels (module attributes) are recorded, not
@@ -123,26 +117,28 @@ def compile_for_gpu(kernel, args: tuple, launch: dict, capability: int = 90) -> 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
     launch = dict(launch)
     options = {name: launch.pop(name) for name in ("num_warps", "num_stages") if name in launch}
     values = dict(zip(kernel.arg_names, args)) | launch
     signature, constexprs, attributes = {}, {}, {}
     for index, param in enumerate(kernel.params):
         value = values[param.name]
-        if param.is_constexpr or value is None:
-            signature[param.name] = "constexpr"
-            constexprs[(index,)] = value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + _TRITON_TYPES[value.dtype]
+        if param.is_constexpr:
+            signature[param.name], constexprs[(index,)] = "constexpr", value
+            continue
+        # What a launch specialises on, by Triton's own rules: integers equal to 1 become constants,
+        # multiples of 16 and 16-byte aligned tensors are marked divisible.
+        kind, key = native_specialize_impl(
+            BaseBackend, value, param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+        )
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[(index,)] = key
+        elif key == "D":
             attributes[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[param.name] = "fp32"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if not param.do_not_specialize and value % 16 == 0:
-                attributes[(index,)] = [["tt.divisibility", 16]]
-        else:
-            raise TypeError(f"argument {param.name} of {kernel.__name__}: {type(value).__name__}")
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attributes)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     usage = _ptxas_report(compiled.asm["ptx"], capability)

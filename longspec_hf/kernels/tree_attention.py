@@ -322,13 +322,18 @@ def _multiprocessor_count(device: torch.device) -> int:
 
 def default_config(num_rows: int, head_dim: int, element_size: int = 2) -> dict:
     """Tile shape and launch parameters for `M = G * Tq` folded query rows of head dim `head_dim`
-    (chosen from a sweep on an H100, see BENCHMARKS.md).
+    (16-bit tiles chosen from a sweep on an H100, bench/results/HISTORY.md).
 
     The K/V pipeline stages must fit in shared memory with the query tile, so the key block shrinks as
     rows get wider. Narrow heads (64 x 16 bit) with many rows are compute-bound: 64-row blocks, long key
     blocks and twice as many splits as multiprocessors pay for re-reading K/V once per row block. With
     few rows (one block) the kernel is bound by reading K/V and one wave of shorter blocks is faster.
     """
+    if element_size >= 4:
+        # float32 (exact mode) multiplies on FMA units with both operands spread over registers: on sm90
+        # every wider tile spills, tens of KiB per thread at 64-128 rows; 16 x 16 tiles on 8 warps do
+        # not (tests/test_kernels_compile_for_gpu.py checks the compiled kernels).
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1}
     block_d = max(16, triton.next_power_of_2(head_dim))
     row_bytes = block_d * element_size
     rows_pow2 = max(16, triton.next_power_of_2(num_rows))
@@ -351,10 +356,11 @@ MERGE_TILE = 8192  # fp32 elements of the (splits, rows, dims) tile one merge pr
 
 
 def merge_config(num_rows: int, block_d: int, num_splits: int) -> dict:
-    """Tile of the split merge: up to 16 splits per load round and as many rows as fit `MERGE_TILE`."""
+    """Tile of the split merge: up to 16 splits per load round and as many rows as fit `MERGE_TILE`.
+    Few splits make the tile many rows deep, which spills registers on 4 warps (sm90): 8 then."""
     block_s = min(16, max(2, triton.next_power_of_2(num_splits)))
     block_m = max(1, min(triton.next_power_of_2(num_rows), MERGE_TILE // (block_s * block_d)))
-    return {"BLOCK_S": block_s, "BLOCK_M": block_m, "num_warps": 4}
+    return {"BLOCK_S": block_s, "BLOCK_M": block_m, "num_warps": 8 if block_s <= 4 else 4}
 
 
 def default_num_splits(num_programs_per_split: int, num_keys: int, block_n: int, device: torch.device,
