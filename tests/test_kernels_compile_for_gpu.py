@@ -30,6 +30,11 @@ def attention_inputs(num_tree: int, context: int = 8192, dtype=torch.bfloat16, h
     return query, key_prefix, value_prefix, *bounds, key_tree, value_tree, mask, head_dim**-0.5
 
 
+def masked_inputs(query, key_prefix, value_prefix, start, end, key_tree, value_tree, mask, scale):
+    """The arguments of `tree_attention_with_lse` among those of `prefix_tree_attention`."""
+    return query, key_tree, value_tree, mask, scale
+
+
 def record(module, call):
     with testing.recorded_launches(module) as launches:
         call()
@@ -50,6 +55,11 @@ LAUNCHES = {
             *attention_inputs(69, dtype=torch.float32, heads=SMOLLM2_HEADS), num_splits=4)),
     "tree_attention_smollm2": lambda: record(
         tree_attention, lambda: tree_attention.prefix_tree_attention(*attention_inputs(69, heads=SMOLLM2_HEADS))),
+    # The draft's two attentions at a tree level: the target's cache, and its own ring and tree keys.
+    "prefix_attention_draft_level": lambda: record(tree_attention, lambda: tree_attention.prefix_attention_with_lse(
+        *attention_inputs(16)[:5], 128**-0.5)),
+    "masked_attention_draft_ring": lambda: record(tree_attention, lambda: tree_attention.tree_attention_with_lse(
+        *masked_inputs(*attention_inputs(16)))),
     "compaction": lambda: record(compaction, lambda: compaction.compact_kv(
         torch.empty(32, 2, 1, 8, 8192, 128, dtype=torch.bfloat16), torch.empty(32, 2, 1, 8, 69, 128, dtype=torch.bfloat16),
         torch.arange(6)[None], torch.tensor([100]))),
