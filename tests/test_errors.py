@@ -197,6 +197,6 @@ def test_mismatch_message_without_a_recorded_target():
 def test_a_bad_projection_setting_is_refused_before_any_forward(counted, monkeypatch, compiled):
     target, draft, calls = counted
     monkeypatch.setenv("LONGSPEC_HF_FUSED_PROJECTIONS", "on")
-    with pytest.raises(ValueError, match="LONGSPEC_HF_FUSED_PROJECTIONS='on': use one of 0, 1, all"):
+    with pytest.raises(ValueError, match="LONGSPEC_HF_FUSED_PROJECTIONS='on' is not a setting: use 0 \\(off\\), 1"):
         target.generate(ids(), assistant_model=draft, max_new_tokens=4, tree_widths=[2, 2], **compiled)
     assert not calls

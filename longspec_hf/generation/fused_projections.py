@@ -46,7 +46,10 @@ def fused_projections_setting() -> str:
     """`LONGSPEC_HF_FUSED_PROJECTIONS` (unset: "0"), checked against `SETTINGS`."""
     setting = os.environ.get(ENVIRONMENT_VARIABLE, "0").strip().lower() or "0"
     if setting not in SETTINGS:
-        raise ValueError(f"{ENVIRONMENT_VARIABLE}={setting!r}: use one of {', '.join(SETTINGS)} (see fused_projections.py)")
+        raise ValueError(
+            f"{ENVIRONMENT_VARIABLE}={setting!r} is not a setting: use 0 (off), 1 (one launch for the projections "
+            "of one input: query/key/value, gate/up) or all (every projection through that kernel)."
+        )
     return setting
 
 
