@@ -34,12 +34,10 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from .. import kernels
 
 ENVIRONMENT_VARIABLE = "LONGSPEC_HF_FUSED_PROJECTIONS"
+SETTINGS = ("0", "1", "all")  # off, groups of one input, every projection
 
 _aten = torch.ops.aten
 _RESHAPES = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
-
-
-SETTINGS = ("0", "1", "all")  # off, groups of one input, every projection
 
 
 def fused_projections_setting() -> str:

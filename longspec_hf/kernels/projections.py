@@ -97,8 +97,8 @@ def default_config(num_rows: int, total_columns: int, element_size: int) -> dict
     (gate/up: 28672) halve the programs' fixed cost. A tile's row of the weight is 512 bytes of 16-bit
     values (256 of float32, which are for exactness, not speed), loaded as wide vectors, and the stages
     keep several tiles in flight. Compiled for sm90 (Triton 3.9, 16-byte aligned inputs) these tiles
-    use at most 124 registers without spills (float32 tiles of 32 rows or more need 8 warps for that), and four programs of 16 rows (48 KiB of stages each) fit
-    one multiprocessor's shared memory.
+    use at most 124 registers without spills (float32 tiles of 32 rows or more need 8 warps for that),
+    and four programs of 16 rows (48 KiB of stages each) fit one multiprocessor's shared memory.
     """
     block_m = max(16, triton.next_power_of_2(num_rows))
     return {

@@ -83,7 +83,8 @@ def run_in_triton_interpreter(module_path: str, function_name: str, timeout: flo
 def recorded_launches(module):
     """Inside the block, the launches of `module`'s Triton kernels (module attributes) are recorded, not
     run: yields the list of `(kernel, args, launch keywords)` they append to. The module's `INTERPRETED`
-    flag is set, so that its entry points accept CPU tensors (which are never read)."""
+    flag is set, so that its entry points accept CPU tensors (which are never read). Compile the launches
+    after the block: inside it the module's `@triton.jit` helpers are recorders too."""
     import triton
 
     launches = []
@@ -114,10 +115,8 @@ def compile_for_gpu(kernel, args: tuple, launch: dict, capability: int = 90) -> 
     tensors would be. Returns what the kernel uses per program: `registers` (per thread), `spilled_bytes`
     (per thread: stores of registers that did not fit) and `shared_bytes`."""
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
-
-    from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
 
     launch = dict(launch)
