@@ -130,6 +130,7 @@ def main():
                 result["rows"].append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "sweep_ms"}), flush=True)
     result["seconds"] = time.time() - began
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "grouped_linear_bench.json"), "w") as f:
         json.dump(result, f, indent=1)
 

@@ -88,8 +88,10 @@ DRAFT_VOCAB = "<draft vocabulary size>"  # a method's draft vocabulary: the firs
 ENVIRONMENT = "<environment>"  # variables set while a method's calls run
 LONGSPEC = {"assistant_model": DRAFT}
 COMPILED = {"compile_draft": True, "compile_target": True}
-# The compiled target with the projections of one input grouped into one kernel (fused_projections.py).
+# The compiled target with the projections of one input grouped into one kernel (fused_projections.py; the
+# default), and without it: every projection a cuBLAS product.
 FUSED = {ENVIRONMENT: {"LONGSPEC_HF_FUSED_PROJECTIONS": "1"}}
+CUBLAS = {ENVIRONMENT: {"LONGSPEC_HF_FUSED_PROJECTIONS": "0"}}
 # ... and every other projection too (output, down, LM head) through the same kernel.
 FUSED_ALL = {ENVIRONMENT: {"LONGSPEC_HF_FUSED_PROJECTIONS": "all"}}
 # name -> generate keyword arguments (besides the prompt, max_new_tokens, do_sample=False, the streamer and
@@ -114,6 +116,8 @@ METHODS: dict[str, dict] = {
     "no_draft_fused_compiled": {**LONGSPEC, "tree_widths": [], **COMPILED, **FUSED},
     "auto_tree_fused_compiled": {**LONGSPEC, **COMPILED, **FUSED},
     "auto_tree_vocab_fused_compiled": {**LONGSPEC, **COMPILED, DRAFT_VOCAB: 32768, **FUSED},
+    "no_draft_cublas_compiled": {**LONGSPEC, "tree_widths": [], **COMPILED, **CUBLAS},
+    "auto_tree_vocab_cublas_compiled": {**LONGSPEC, **COMPILED, DRAFT_VOCAB: 32768, **CUBLAS},
     "no_draft_fused_all_compiled": {**LONGSPEC, "tree_widths": [], **COMPILED, **FUSED_ALL},
     "auto_tree_vocab_fused_all_compiled": {**LONGSPEC, **COMPILED, DRAFT_VOCAB: 32768, **FUSED_ALL},
 }

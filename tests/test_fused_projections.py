@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from longspec_hf.generation.compiling import compile_fixed_shapes
-from longspec_hf.generation.fused_projections import ENVIRONMENT_VARIABLE, FusedProjections, projection_pass
+from longspec_hf.generation.fused_projections import (
+    ENVIRONMENT_VARIABLE,
+    MAX_GROUPED_ROWS,
+    MAX_SMALL_GROUPED_ROWS,
+    MAX_WEIGHT_ROWS_AT_MORE_ROWS,
+    FusedProjections,
+    projection_pass,
+)
 
 from .conftest import make_draft, make_target
 from .test_equality import random_batch
@@ -104,8 +111,39 @@ def test_every_projection_goes_to_the_kernel_with_singles():
     assert sorted(len(group) for group in graph_pass.groups) == [1] * 5 + [2] * 2 + [3] * 2
 
 
+class WideAndNarrow(torch.nn.Module):
+    """Two products of `x`, one of a weight wider than `MAX_WEIGHT_ROWS_AT_MORE_ROWS`, and two narrow
+    products of `y`."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = torch.nn.Linear(16, MAX_WEIGHT_ROWS_AT_MORE_ROWS + 1, bias=False)
+        self.a, self.b, self.c = (torch.nn.Linear(16, width, bias=False) for width in (8, 24, 8))
+
+    def forward(self, x, y):
+        return torch.cat([self.wide(x), self.a(x), self.b(y), self.c(y)], dim=-1)
+
+
+@pytest.mark.parametrize("rows", [MAX_SMALL_GROUPED_ROWS, MAX_GROUPED_ROWS, MAX_GROUPED_ROWS + 1])
+def test_groups_are_made_only_where_the_kernel_was_measured_faster(rows):
+    """Up to `MAX_SMALL_GROUPED_ROWS` rows every group; up to `MAX_GROUPED_ROWS` only groups of narrow
+    weights (query/key/value of a tree round, not gate/up); beyond, none (a prefill chunk)."""
+    module = WideAndNarrow().eval()
+    graph_pass = RecordingPass()
+    compiled = compile_fixed_shapes(module, graph_pass)
+    x, y = torch.randn(rows, 16), torch.randn(rows, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, y), module(x, y), rtol=1e-6, atol=1e-6)
+    wide, a, b, c = (torch.Size([width, 16]) for width in (MAX_WEIGHT_ROWS_AT_MORE_ROWS + 1, 8, 24, 8))
+    expected = {MAX_SMALL_GROUPED_ROWS: [[wide, a], [b, c]], MAX_GROUPED_ROWS: [[b, c]], MAX_GROUPED_ROWS + 1: []}
+    assert graph_pass.groups == expected[rows]
+    assert len(graph_pass.products) == 4 - sum(map(len, expected[rows]))
+
+
 def test_the_switch(monkeypatch):
     monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
+    assert projection_pass().singles is False  # on by default
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "0")
     assert projection_pass() is None
     for setting, singles in (("1", False), ("all", True), (" ALL ", True)):
         monkeypatch.setenv(ENVIRONMENT_VARIABLE, setting)

@@ -12,12 +12,18 @@ else (a product whose weight is computed inside the graph after the first of its
 scaled `addmm`s). The values are those of the separate products up to the order of float32 sums.
 
 It runs on the compiled target's verify forward and the compiled draft's steps (whose block has the same
-projections). Switched on by `LONGSPEC_HF_FUSED_PROJECTIONS=1` while it is being measured against cuBLAS
-(`bench/grouped_linear.py`, and the `*_fused_compiled` methods of `bench/scale.py`);
-`LONGSPEC_HF_FUSED_PROJECTIONS=all` also gives the kernel the products that share their input with no
-other (the output and down projections, the LM head), which cuBLAS runs with a split-K reduction launch.
-Read when a workspace's steps are made, so a kept workspace keeps the setting it was made with. Off, the
-compiled graphs are Inductor's own.
+projections), where it wins. Measured on an H200 (bf16, `bench/grouped_linear.py`): one launch for the
+query/key/value products of the 8B layouts takes 0.016-0.020 ms against 0.028 ms for cuBLAS's three at 1 to
+26 rows, whose key and value products are each too small to fill the GPU; gate/up, two 14336- or
+18944-row weights that cuBLAS reads at 85-88% of the copy bandwidth, ties or wins at 1-4 rows (0.063 against
+0.062-0.065 ms, 0.066 against 0.075) and loses at 26 (0.071 against 0.062); at 64 rows every group loses.
+Hence `worth_grouping`: up to `MAX_SMALL_GROUPED_ROWS` rows every group, up to `MAX_GROUPED_ROWS` only
+groups of weights of at most `MAX_WEIGHT_ROWS_AT_MORE_ROWS` rows each.
+
+On by default (`LONGSPEC_HF_FUSED_PROJECTIONS=1`); `0` leaves the compiled graphs Inductor's own; `all`
+also gives the kernel the products that share their input with no other (the output and down projections,
+the LM head), slower than cuBLAS for the output and down projections and kept for measuring. Read when a
+workspace's steps are made, so a kept workspace keeps the setting it was made with.
 """
 
 from __future__ import annotations
@@ -34,15 +40,19 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from .. import kernels
 
 ENVIRONMENT_VARIABLE = "LONGSPEC_HF_FUSED_PROJECTIONS"
-SETTINGS = ("0", "1", "all")  # off, groups of one input, every projection
+SETTINGS = ("0", "1", "all")  # off, groups of one input (the default), every projection
+# Which groups the kernel runs faster than cuBLAS (measured; see the module's description).
+MAX_SMALL_GROUPED_ROWS = 16
+MAX_GROUPED_ROWS = 32
+MAX_WEIGHT_ROWS_AT_MORE_ROWS = 4096
 
 _aten = torch.ops.aten
 _RESHAPES = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
 
 
 def fused_projections_setting() -> str:
-    """`LONGSPEC_HF_FUSED_PROJECTIONS` (unset: "0"), checked against `SETTINGS`."""
-    setting = os.environ.get(ENVIRONMENT_VARIABLE, "0").strip().lower() or "0"
+    """`LONGSPEC_HF_FUSED_PROJECTIONS` (unset: "1"), checked against `SETTINGS`."""
+    setting = os.environ.get(ENVIRONMENT_VARIABLE, "1").strip().lower() or "1"
     if setting not in SETTINGS:
         raise ValueError(
             f"{ENVIRONMENT_VARIABLE}={setting!r} is not a setting: use 0 (off), 1 (one launch for the projections "
@@ -52,7 +62,7 @@ def fused_projections_setting() -> str:
 
 
 def projection_pass() -> "FusedProjections | None":
-    """The pass for a compiled step made now: None unless it is switched on."""
+    """The pass for a compiled step made now: None where it is switched off."""
     setting = fused_projections_setting()
     return None if setting == "0" else FusedProjections(singles=setting == "all")
 
@@ -90,6 +100,8 @@ def _as_projection(node: torch.fx.Node) -> _Projection | None:
         return None
     if bias is not None and _value(bias).dim() != 1:
         return None
+    if not isinstance(_value(x).shape[0], int):  # a symbolic number of rows may be any
+        return None
     return _Projection(node, x, weight, bias)
 
 
@@ -121,13 +133,22 @@ class FusedProjections(CustomGraphPass):
                 groups[_input_key(projection.x), projection.bias is None].append(projection)
         order = {node: index for index, node in enumerate(graph.nodes)}
         for members in groups.values():
-            if len(members) > (0 if self.singles else 1) and _inputs_precede(members, order):
+            if (len(members) > (0 if self.singles else 1) and worth_grouping(members[0].x, [p.weight for p in members])
+                    and _inputs_precede(members, order)):
                 _group(graph, members)
         graph.eliminate_dead_code()
 
     def uuid(self) -> bytes:
         # Compiled graphs are cached by this: it changes with the pass or the kernel's entry points.
         return get_hash_for_files((__file__, str(Path(kernels.__file__))), extra=f"singles={self.singles}")
+
+
+def worth_grouping(x: torch.fx.Node, weights: list[torch.fx.Node]) -> bool:
+    """Whether one grouped launch beats cuBLAS's products for `x` `(M, K)` and these weights `(N_i, K)`."""
+    rows = _value(x).shape[0]
+    if rows <= MAX_SMALL_GROUPED_ROWS:
+        return True
+    return rows <= MAX_GROUPED_ROWS and all(_value(w).shape[0] <= MAX_WEIGHT_ROWS_AT_MORE_ROWS for w in weights)
 
 
 def _inputs_precede(members: list[_Projection], order: dict) -> bool:
