@@ -22,8 +22,9 @@ groups of weights of at most `MAX_WEIGHT_ROWS_AT_MORE_ROWS` rows each.
 
 On by default (`LONGSPEC_HF_FUSED_PROJECTIONS=1`); `0` leaves the compiled graphs Inductor's own; `all`
 also gives the kernel the products that share their input with no other (the output and down projections,
-the LM head), slower than cuBLAS for the output and down projections and kept for measuring. Read when a
-workspace's steps are made, so a kept workspace keeps the setting it was made with.
+the LM head; under the same row rule), slower than cuBLAS for the output and down projections and kept
+for measuring. Read when a workspace's steps are made, so a kept workspace keeps the setting it was made
+with.
 """
 
 from __future__ import annotations
