@@ -111,6 +111,42 @@ def test_chunked_prefill_on_cuda_matches_plain_generate(arch):
     assert not mismatches
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_later_prefill_chunk_in_16_bits_runs_on_flash_attention(dtype):
+    """An unpadded later chunk of a 16-bit target goes to FlashAttention (the path is taken on the GPU), and
+    what it computes is the chunk's causal attention over the committed slots: within 16-bit rounding of
+    float32 attention with the mask written out, as close as the tree kernel it replaces."""
+    from longspec_hf import kernels
+    from longspec_hf.generation import attention
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    batch, q_heads, kv_heads, head_dim, start, length, capacity = 2, 8, 2, 128, 300, 77, 512
+
+    def normal(*shape):
+        return torch.randn(*shape, device="cuda", generator=generator).to(dtype)
+
+    query, cache = normal(batch, q_heads, length, head_dim), normal(2, batch, kv_heads, capacity, head_dim)
+    key, value = cache[0][:, :, :start + length], cache[1][:, :, :start + length]
+    scale = head_dim**-0.5
+    assert attention._flash_takes(query, key, value)
+    flash = attention._later_chunk_attention(query, key, value, scale)
+
+    causal = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()
+    tree_kernel, _ = kernels.prefix_tree_attention(
+        query, cache[0], cache[1], torch.zeros(batch, dtype=torch.long, device="cuda"),
+        torch.full((batch,), start, device="cuda"), cache[0][:, :, start:start + length],
+        cache[1][:, :, start:start + length], causal[None].expand(batch, -1, -1).contiguous(), scale,
+    )
+    visible = torch.ones(length, start + length, dtype=torch.bool, device="cuda").tril(diagonal=start)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), attn_mask=visible, scale=scale, enable_gqa=True
+    )
+    flash_error = (flash.float() - expected).abs().max().item()
+    kernel_error = (tree_kernel.float() - expected).abs().max().item()
+    assert flash_error <= max(2 * kernel_error, 1e-2), (flash_error, kernel_error)
+
+
 def test_cuda_graphs_sampling_is_reproducible():
     target = make_target("llama", seed=9, num_key_value_heads=2, hidden_size=64, num_attention_heads=4).cuda()
     draft = make_draft(target, seed=10).cuda()

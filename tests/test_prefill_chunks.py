@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from longspec_hf import LongSpecStats
+from longspec_hf.generation import attention
 
 from .conftest import make_draft, make_target
 
@@ -98,3 +99,33 @@ def test_a_bad_chunk_size_is_refused_before_any_forward(chunk):
     finally:
         handle.remove()
     assert forwards == []
+
+
+@pytest.mark.parametrize("chunk", [7, 16])
+def test_unpadded_later_chunks_through_sdpa_decode_exactly(monkeypatch, chunk):
+    """Where FlashAttention takes a later chunk (CUDA, 16-bit), it runs as one SDPA call over the cache's
+    slots with the causal mask aligned to the last key. Here SDPA is told it may (on CPU it then runs the
+    same mask materialized): the chunk sees exactly the committed slots and its own past, in every
+    layer; a padded batch still takes the tree kernel."""
+    calls = []
+    later_chunk_attention = attention._later_chunk_attention
+
+    def recording(query, key, value, scale):
+        calls.append((query.shape[2], key.shape[2]))
+        return later_chunk_attention(query, key, value, scale)
+
+    monkeypatch.setattr(attention, "_flash_takes", lambda *tensors: True)
+    monkeypatch.setattr(attention, "_later_chunk_attention", recording)
+    target = make_target("llama", seed=26)
+    draft = make_draft(target)
+    prompt = torch.randint(3, 96, (2, 45), generator=torch.Generator().manual_seed(chunk))
+    compare_with_plain(target, draft, prompt, chunk=chunk, tree_widths=[2, 2])
+    layers = target.config.num_hidden_layers
+    expected = [(min(chunk, 45 - start), min(start + chunk, 45)) for start in range(chunk, 45, chunk)]
+    assert calls == [shapes for shapes in expected for _ in range(layers)]
+
+    calls.clear()
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    compare_with_plain(target, draft, prompt, mask, chunk=chunk, tree_widths=[2, 2])
+    assert calls == []

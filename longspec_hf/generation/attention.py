@@ -5,8 +5,10 @@ that keyword down to every attention call. The registered function then reads th
 [`LongSpecCache`] and computes either
 
 - prefill: causal attention over the prompt's first chunk, padding excluded; a later chunk attends to
-  the committed chunks before it and causally to itself, through the hybrid kernel below with the
-  chunk as a "tree" whose ancestor mask is causal, or
+  the committed chunks before it and causally to itself: where no row is padded and the layer has no
+  sliding window, as one SDPA call over the cache's slots with the causal mask aligned to its last key
+  (which FlashAttention runs without a mask, as fast as a prompt in one piece), otherwise through the
+  hybrid kernel below with the chunk as a "tree" whose ancestor mask is causal, or
 - tree verification: the hybrid attention of `kernels.prefix_tree_attention` (committed prefix without a
   mask, tree nodes with their ancestor mask, merged exactly through their log-sum-exp).
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -47,12 +50,14 @@ class LongSpecAttentionInputs:
             takes the plain causal path without reading the device, also inside compiled code).
         chunk_depths: a prefill chunk after the first: `(T,)` each query's slot after the committed
             slots (`0..T-1`); `tree_mask` is then the chunk's causal mask.
+        chunk_start: with `chunk_depths`, the chunk's first slot (every slot before it is committed).
     """
 
     cache: LongSpecCache
     tree_mask: torch.Tensor | None = None
     left_padded: bool = True
     chunk_depths: torch.Tensor | None = None
+    chunk_start: int = 0
 
 
 def _prefill_attention(
@@ -85,6 +90,21 @@ def _prefill_attention(
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask=visible[:, None], scale=scale, enable_gqa=True
     )
+
+
+def _flash_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether SDPA runs these through FlashAttention, by torch's own rule (CUDA, 16-bit, its head dims)."""
+    if query.device.type != "cuda":
+        return False
+    params = torch.backends.cuda.SDPAParams(query, key, value, None, 0.0, False, True)
+    return torch.backends.cuda.can_use_flash_attention(params)
+
+
+def _later_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Queries `(B, Hq, T, D)` of the last `T` of `S` unpadded slots, keys/values `(B, Hkv, S, D)`: query
+    `i` sees slots `0 .. S - T + i`, the causal mask aligned to the last key (`causal_lower_right`)."""
+    mask = causal_lower_right(query.shape[2], key.shape[2])
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def longspec_attention_forward(
@@ -121,10 +141,15 @@ def longspec_attention_forward(
     elif longspec.chunk_depths is not None:
         # `key`/`value`: the chunk's K/V as the cache stored them; its committed slots end where it begins.
         window = sliding_window if sliding_window is not None and sliding_window < cache.capacity else None
-        out, _ = kernels.prefix_tree_attention(
-            query, layer.kv[0], layer.kv[1], layer.pad_start, layer.committed_len, key, value,
-            _on(longspec.tree_mask, query), scale, window, _on(longspec.chunk_depths, query),
-        )
+        end = longspec.chunk_start + query.shape[2]
+        slots_key, slots_value = layer.kv[0][:, :, :end], layer.kv[1][:, :, :end]
+        if window is None and not longspec.left_padded and _flash_takes(query, slots_key, slots_value):
+            out = _later_chunk_attention(query, slots_key, slots_value, scale)
+        else:
+            out, _ = kernels.prefix_tree_attention(
+                query, layer.kv[0], layer.kv[1], layer.pad_start, layer.committed_len, key, value,
+                _on(longspec.tree_mask, query), scale, window, _on(longspec.chunk_depths, query),
+            )
     else:
         num_nodes = query.shape[2]
         window = tree_depths = None

@@ -261,22 +261,24 @@ class DecodingSession:
     def _prefill_chunk(self, input_ids: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
         """One target forward over prompt slots `[start, start + T)`; returns its last logits `(B, 1, V)`.
 
-        The first chunk attends causally to itself; a later one also to the committed slots before it,
-        through the tree kernel with a causal mask. The prefill runs eagerly also with `compile_target`:
+        The first chunk attends causally to itself; a later one also to the committed slots before it
+        (`attention.py`: FlashAttention where it applies, else the tree kernel with a causal mask). The prefill runs eagerly also with `compile_target`:
         tracing the target's whole forward once more (for a dynamic prompt length) would double the
         first call's compilation, and the prefill's launches are a small part of its work except on
         tiny targets.
         """
         length = input_ids.shape[1]
         self.cache.begin_prefill(start, start + length)
+        left_padded = bool(self.pad_start.any())
         if start == 0:
-            longspec = LongSpecAttentionInputs(self.cache, left_padded=bool(self.pad_start.any()))
+            longspec = LongSpecAttentionInputs(self.cache, left_padded=left_padded)
         else:
             slots = torch.arange(start, start + length, device=self.device)
             causal = (slots[None, :] <= slots[:, None])[None] & (slots[None, None, :] >= self.pad_start[:, None, None])
             # Padding queries see themselves only (their outputs are never used), so no row is empty.
             tree_mask = causal | torch.eye(length, dtype=torch.bool, device=self.device)[None]
-            longspec = LongSpecAttentionInputs(self.cache, tree_mask=tree_mask, chunk_depths=slots - start)
+            longspec = LongSpecAttentionInputs(self.cache, tree_mask=tree_mask, left_padded=left_padded,
+                                               chunk_depths=slots - start, chunk_start=start)
         return call_model(
             self.target,
             input_ids=input_ids,
