@@ -26,6 +26,7 @@ from .conftest import make_draft, make_target
 from .test_equality import random_batch
 
 GROUPED = torch.ops.longspec.grouped_linear.default
+CUDA = torch.device("cuda")  # only named: nothing here runs on it
 
 
 class RecordingPass(FusedProjections):
@@ -142,27 +143,31 @@ def test_groups_are_made_only_where_the_kernel_was_measured_faster(rows):
 
 def test_the_switch(monkeypatch):
     monkeypatch.delenv(ENVIRONMENT_VARIABLE, raising=False)
-    assert projection_pass().singles is False  # on by default
+    assert projection_pass(CUDA).singles is False  # on by default where the kernel runs
+    assert projection_pass(torch.device("cpu")) is None  # and only there
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "0")
-    assert projection_pass() is None
+    assert projection_pass(CUDA) is None
     for setting, singles in (("1", False), ("all", True), (" ALL ", True)):
         monkeypatch.setenv(ENVIRONMENT_VARIABLE, setting)
-        assert projection_pass().singles is singles
+        assert projection_pass(CUDA).singles is singles
+        assert projection_pass("cpu") is None
     assert FusedProjections(singles=True).uuid() != FusedProjections().uuid()  # compiled code is cached apart
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "yes")
-    with pytest.raises(ValueError, match="LONGSPEC_HF_FUSED_PROJECTIONS='yes' is not a setting: use 0 \\(off\\), 1"):
-        projection_pass()
+    for device in (CUDA, "cpu"):  # a bad setting is refused on every device
+        with pytest.raises(ValueError, match="LONGSPEC_HF_FUSED_PROJECTIONS='yes' is not a setting: use 0 \\(off\\), 1"):
+            projection_pass(device)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_longspec_with_the_pass_equals_plain_generate(arch, monkeypatch):
-    """`compile_target=True, compile_draft=True` with the pass switched on: a padded batch, greedy, equals
-    plain generate; the verify forward's graph holds a q/k/v and a gate/up group per target layer, and
-    the draft's steps group their block's projections too."""
+    """`compile_target=True, compile_draft=True` with the pass switched on (on CPU too, where it is off by
+    default): a padded batch, greedy, equals plain generate; the verify forward's graph holds a q/k/v and a
+    gate/up group per target layer, and the draft's steps group their block's projections too."""
     from longspec_hf.generation import fused_projections
 
     created = []
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
+    monkeypatch.setattr(fused_projections, "DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(fused_projections, "FusedProjections", lambda **kw: created.append(RecordingPass(**kw)) or created[-1])
     rng = random.Random(f"fused {arch}")
     target = make_target(arch, seed=41)

@@ -20,7 +20,7 @@ query/key/value products of the 8B layouts takes 0.016-0.020 ms against 0.028 ms
 Hence `worth_grouping`: up to `MAX_SMALL_GROUPED_ROWS` rows every group, up to `MAX_GROUPED_ROWS` only
 groups of weights of at most `MAX_WEIGHT_ROWS_AT_MORE_ROWS` rows each.
 
-On by default (`LONGSPEC_HF_FUSED_PROJECTIONS=1`); `0` leaves the compiled graphs Inductor's own; `all`
+On by default on CUDA devices (`LONGSPEC_HF_FUSED_PROJECTIONS=1`); `0` leaves the compiled graphs Inductor's own; `all`
 also gives the kernel the products that share their input with no other (the output and down projections,
 the LM head; under the same row rule), slower than cuBLAS for the output and down projections and kept
 for measuring. Read when a workspace's steps are made, so a kept workspace keeps the setting it was made
@@ -42,6 +42,8 @@ from .. import kernels
 
 ENVIRONMENT_VARIABLE = "LONGSPEC_HF_FUSED_PROJECTIONS"
 SETTINGS = ("0", "1", "all")  # off, groups of one input (the default), every projection
+# Where the grouped kernel runs, and was measured faster than the separate products.
+DEVICE_TYPES = ("cuda",)
 # Which groups the kernel runs faster than cuBLAS (measured; see the module's description).
 MAX_SMALL_GROUPED_ROWS = 16
 MAX_GROUPED_ROWS = 32
@@ -62,10 +64,14 @@ def fused_projections_setting() -> str:
     return setting
 
 
-def projection_pass() -> "FusedProjections | None":
-    """The pass for a compiled step made now: None where it is switched off."""
+def projection_pass(device: torch.device) -> "FusedProjections | None":
+    """The pass for compiled steps made now on `device`: None where it is switched off, or where the grouped
+    kernel does not run (elsewhere the grouped operator is the same products, only hidden from Inductor).
+    The setting is checked either way."""
     setting = fused_projections_setting()
-    return None if setting == "0" else FusedProjections(singles=setting == "all")
+    if setting == "0" or torch.device(device).type not in DEVICE_TYPES:
+        return None
+    return FusedProjections(singles=setting == "all")
 
 
 @dataclass

@@ -153,7 +153,7 @@ class DecodingWorkspace:
         self.tokens = torch.zeros(batch, capacity, dtype=key.token_dtype, device=device)
         self.seq_len = torch.zeros(batch, dtype=torch.long, device=device)
         # Read once, here, before any forward: the graph pass of the compiled steps, if switched on.
-        graph_pass = projection_pass() if key.compile_draft or key.compile_target else None
+        graph_pass = projection_pass(device) if key.compile_draft or key.compile_target else None
         self.drafter = LongSpecCandidateGenerator(
             draft, target, list(key.tree_widths), batch, self.cache.target_kv, graph_pass=graph_pass
         )
